@@ -1,0 +1,75 @@
+"""The shard schemas: LAION metadata in, VQGAN code parquets out. One place for both."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: Columns of a LAION-400M metadata part, with the types LAION publishes them in.
+#: URL and TEXT are required; the others ride along when a part has them.
+LAION_SCHEMA = pa.schema(
+    [
+        pa.field("SAMPLE_ID", pa.int64()),
+        pa.field("URL", pa.string()),
+        pa.field("TEXT", pa.string()),
+        pa.field("HEIGHT", pa.int64()),
+        pa.field("WIDTH", pa.int64()),
+        pa.field("LICENSE", pa.string()),
+        pa.field("NSFW", pa.string()),
+        pa.field("similarity", pa.float64()),
+    ]
+)
+URL_COLUMN = "URL"
+CAPTION_COLUMN = "TEXT"
+REQUIRED_COLUMNS = (URL_COLUMN, CAPTION_COLUMN)
+#: LAION columns img2dataset is asked to carry through into its status parquet and tar json.
+EXTRA_COLUMNS = tuple(name for name in LAION_SCHEMA.names if name not in REQUIRED_COLUMNS)
+
+#: Bytes per code row: 32×32 little-endian int16 for a 256×256 image at f8.
+CODE_DTYPE = "<i2"
+
+#: The seed dataset's output schema (VQGAN LAION-100M): `code` raw int16 bytes, `caption`/`url` renamed
+#: the way img2dataset renames them, the other LAION columns as LAION spells them.
+CODES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("code", pa.binary(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("SAMPLE_ID", pa.int64()),
+        pa.field("HEIGHT", pa.int64()),
+        pa.field("WIDTH", pa.int64()),
+        pa.field("LICENSE", pa.string()),
+        pa.field("NSFW", pa.string()),
+        pa.field("similarity", pa.float64()),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """Input whose columns or types do not match what a stage needs."""
+
+
+def conform_laion_table(table: pa.Table, source: str) -> pa.Table:
+    """Return `table` with exactly LAION_SCHEMA's columns, in order, cast to LAION's types.
+
+    Missing optional columns become nulls (LAION parts differ a little); a missing URL or caption
+    column, or a column that cannot be cast, is a SchemaError naming the source and the columns seen.
+    """
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise SchemaError(
+            f"{source}: missing required LAION column(s) {missing}; columns present: {table.column_names}"
+        )
+    columns = []
+    for field in LAION_SCHEMA:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise SchemaError(
+                f"{source}: column {field.name!r} has type {column.type}, cannot be read as {field.type}: {err}"
+            ) from err
+    return pa.Table.from_arrays(columns, schema=LAION_SCHEMA)
