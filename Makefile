@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create .venv, install, run the whole pipeline offline on a few small shards
+#   make test   create .venv, install with dev extras, lint, run the whole test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision are pinned in pyproject.toml to the releases this workplace keeps on disk.
+TAMING := taming-transformers-rom1504==0.0.6
+
+.PHONY: demo test lint install install-dev ui clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	# the taming-transformers reference for the parity test, without its pytorch-lightning/omegaconf
+	# deps: we import only its Encoder and quantizer modules (they need einops, a dev extra)
+	$(BIN)/pip install -q --no-deps $(TAMING)
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/python -m laion_vq.demo
+
+lint: install-dev
+	$(BIN)/ruff check laion_vq laion_vq_tests benchmarks
+
+test: install-dev lint
+	$(BIN)/python -m pytest -q --durations=15
+
+ui: install
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.demo/dagster_home} $(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

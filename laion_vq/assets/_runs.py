@@ -1,0 +1,48 @@
+"""Helpers shared by the assets: run granularity and per-shard failure handling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import dagster as dg
+
+from laion_vq.shards.numbering import parse_shard_key
+
+T = TypeVar("T")
+
+
+def for_each_shard(
+    context: dg.AssetExecutionContext,
+    work: Callable[[int], T],
+    metadata: Callable[[T], dict],
+) -> list[T]:
+    """Run `work` for every partition of this run, recording each shard's metadata on its own partition.
+
+    One bad shard does not stop the others; at the end the step fails and names every failed shard
+    with its error, so a backfill shows exactly which shards to look at.
+    """
+    keys = list(context.partition_keys)
+    results: list[T] = []
+    failures: dict[str, str] = {}
+    for index, key in enumerate(keys, start=1):
+        try:
+            result = work(parse_shard_key(key))
+        except Exception as err:  # noqa: BLE001 - reported below, per shard, never swallowed
+            context.log.error(f"shard {key} failed: {type(err).__name__}: {err}")
+            failures[key] = f"{type(err).__name__}: {err}"
+            continue
+        results.append(result)
+        context.add_asset_metadata(metadata(result), partition_key=key)
+        context.log.info(f"shard {key} done ({index}/{len(keys)})")
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} of {len(keys)} shard(s) failed: "
+            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+            metadata={"failed_shards": dg.MetadataValue.json(failures)},
+        )
+    return results
+
+
+def total(results: Iterable, attr: str) -> float:
+    return sum(getattr(r, attr) for r in results)

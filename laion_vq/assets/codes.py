@@ -1,0 +1,99 @@
+"""code_parquets: each image tar encoded by the VQGAN, in the VQGAN-LAION-100M parquet format.
+
+Runs in the `gpu` pool with a backfill policy of its own, so a backfill never puts the encoder inside a
+download run: the GPU step is always the root step of its runs and one model load serves many shards.
+"""
+
+import time
+
+import dagster as dg
+import numpy as np
+
+from laion_vq import settings
+from laion_vq.assets._runs import for_each_shard
+from laion_vq.assets.images import image_tars
+from laion_vq.partitions import shard_partitions
+from laion_vq.resources import StorageResource, VQGANEncoderResource
+from laion_vq.stages import CodeShardResult, encode_code_shard
+
+ENCODE_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.ENCODE_SHARDS_PER_RUN.get_int())
+
+#: Tags that let a launcher or step executor put the encoder on a GPU machine: Kubernetes GPU limits
+#: (dagster-k8s), ECS GPU resourceRequirements (dagster-aws), and a plain tag for anything else.
+GPU_TAGS = {
+    "laion_vq/accelerator": "gpu",
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    },
+    "ecs/container_overrides": {"resourceRequirements": [{"type": "GPU", "value": "1"}]},
+}
+
+
+def _metadata(result: CodeShardResult) -> dict:
+    meta = {
+        "path": dg.MetadataValue.path(result.path),
+        "dagster/row_count": result.encoded,
+        "status_rows": result.status_rows,
+        "downloaded": result.downloaded,
+        "encoded": result.encoded,
+        "undecodable": sum(result.undecodable.values()),
+        "undecodable_by_reason": dg.MetadataValue.json(result.undecodable),
+        "undecodable_keys": dg.MetadataValue.json(result.undecodable_keys[:50]),
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 2),
+        "encode_seconds": round(result.encode_seconds, 2),
+        "images_per_second": round(result.images_per_second, 2),
+        "distinct_codes": result.distinct_codes,
+    }
+    if result.code_usage is not None and result.code_usage.sum():
+        top = np.argsort(result.code_usage)[::-1][:10]
+        meta["top_codes"] = dg.MetadataValue.json({int(c): int(result.code_usage[c]) for c in top})
+    return meta
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[image_tars],
+    backfill_policy=ENCODE_BACKFILL_POLICY,
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    group_name="laion",
+    kinds={"pytorch", "parquet"},
+    description=__doc__,
+)
+def code_parquets(
+    context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
+) -> None:
+    layout = storage.layout
+    config = encoder.vqgan_config()
+    grid = config.code_grid(settings.IMAGE_SIZE)
+    started = time.perf_counter()
+    model = encoder.load()
+    dtype = encoder.torch_dtype()
+    context.log.info(
+        f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} "
+        f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s)"
+    )
+    provenance = {"checkpoint": encoder.checkpoint, "index_rule": "argmax", "dtype": encoder.dtype}
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        return model.encode_uint8(batch, batch_size=encoder.batch_size, dtype=dtype)
+
+    def work(shard: int) -> CodeShardResult:
+        return encode_code_shard(
+            layout,
+            shard,
+            model_name=encoder.model,
+            encode=encode,
+            grid=grid,
+            n_embed=config.n_embed,
+            image_size=settings.IMAGE_SIZE,
+            batch_size=encoder.batch_size,
+            provenance=provenance,
+            progress=context.log.debug,
+        )
+
+    results = for_each_shard(context, work, _metadata)
+    encoded = sum(r.encoded for r in results)
+    context.log.info(f"encoded {encoded} images in {time.perf_counter() - started:.1f}s")

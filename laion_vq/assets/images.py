@@ -1,0 +1,50 @@
+"""image_tars: the shard downloaded by img2dataset (webdataset tar, status parquet, stats json)."""
+
+import dagster as dg
+
+from laion_vq.assets._runs import for_each_shard
+from laion_vq.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
+from laion_vq.partitions import shard_partitions
+from laion_vq.resources import DownloaderResource, LaionMetadataResource, StorageResource
+from laion_vq.stages import ImageShardResult, download_image_shard
+
+
+def _metadata(result: ImageShardResult) -> dict:
+    return {
+        "tar": dg.MetadataValue.path(result.tar_path),
+        "status_parquet": dg.MetadataValue.path(result.status_path),
+        "dagster/row_count": result.rows,
+        "successes": result.successes,
+        "failed_to_download": result.failed_to_download,
+        "failed_to_resize": result.failed_to_resize,
+        "success_rate": round(result.success_rate, 4),
+        "failures_by_reason": dg.MetadataValue.json(dict(list(result.failures_by_reason.items())[:20])),
+        "tar_bytes": result.bytes_tar,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.successes / result.seconds, 2) if result.seconds else 0.0,
+    }
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[raw_metadata_shards],
+    backfill_policy=DOWNLOAD_BACKFILL_POLICY,
+    pool="download",
+    group_name="laion",
+    kinds={"webdataset"},
+    description=__doc__,
+)
+def image_tars(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    metadata: LaionMetadataResource,
+    downloader: DownloaderResource,
+) -> None:
+    layout = storage.layout
+    options = downloader.options()
+
+    def work(shard: int) -> ImageShardResult:
+        context.log.info(f"downloading shard {shard:05d} with {options.thread_count} threads")
+        return download_image_shard(layout, shard, metadata.samples_per_shard, options)
+
+    for_each_shard(context, work, _metadata)

@@ -1,0 +1,38 @@
+"""raw_metadata_shards: shard N = rows [N*S, (N+1)*S) of the LAION parts, numbered like img2dataset."""
+
+import dagster as dg
+
+from laion_vq import settings
+from laion_vq.assets._runs import for_each_shard
+from laion_vq.partitions import shard_partitions
+from laion_vq.resources import LaionMetadataResource, StorageResource
+from laion_vq.stages import MetadataShardResult, write_metadata_shard
+
+#: Metadata and download share one policy so a backfill runs both for a batch of shards in one run.
+DOWNLOAD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.DOWNLOAD_SHARDS_PER_RUN.get_int())
+
+
+def _metadata(result: MetadataShardResult) -> dict:
+    return {
+        "path": dg.MetadataValue.path(result.path),
+        "dagster/row_count": result.rows,
+        "source_file": dg.MetadataValue.path(result.source_file),
+        "source_rows": f"[{result.source_rows[0]}, {result.source_rows[1]})",
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=DOWNLOAD_BACKFILL_POLICY,
+    group_name="laion",
+    kinds={"parquet"},
+    description=__doc__,
+)
+def raw_metadata_shards(
+    context: dg.AssetExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
+) -> None:
+    laion = metadata.open()
+    layout = storage.layout
+    for_each_shard(context, lambda shard: write_metadata_shard(laion, layout, shard), _metadata)

@@ -1,0 +1,136 @@
+"""Dagster resources: storage, metadata source, downloader and encoder, configured from `settings`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from laion_vq import settings
+from laion_vq.settings import Setting
+from laion_vq.shards.metadata import LaionMetadata
+from laion_vq.shards.storage import StorageLayout, is_local
+
+
+def _from_env(setting: Setting, as_int: bool = False) -> Any:
+    """An EnvVar when the operator set the variable (the UI then shows its source), else the default."""
+    if setting.raw() is None:
+        return setting.get_int() if as_int else setting.get_str()
+    setting.get_int() if as_int else None  # validate early, with the variable's name in the error
+    return dg.EnvVar.int(setting.env) if as_int else dg.EnvVar(setting.env)
+
+
+def _absolute(url: str) -> str:
+    return os.path.abspath(url) if is_local(url) and "://" not in url else url
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root of every shard file: a local folder or an `s3://bucket/prefix` URI (via fsspec)."""
+
+    root: str
+
+    @property
+    def layout(self) -> StorageLayout:
+        return StorageLayout(_absolute(self.root))
+
+
+class LaionMetadataResource(dg.ConfigurableResource):
+    """The LAION metadata parts and how many samples make a shard."""
+
+    source: str
+    samples_per_shard: int = settings.SAMPLES_PER_SHARD.default  # type: ignore[assignment]
+
+    def open(self) -> LaionMetadata:
+        return LaionMetadata(_absolute(self.source), self.samples_per_shard)
+
+
+class DownloaderResource(dg.ConfigurableResource):
+    """img2dataset options. Image size, resize mode and quality are LAION-400M's."""
+
+    thread_count: int = settings.DOWNLOAD_THREADS.default  # type: ignore[assignment]
+    timeout: int = settings.DOWNLOAD_TIMEOUT.default  # type: ignore[assignment]
+    retries: int = settings.DOWNLOAD_RETRIES.default  # type: ignore[assignment]
+    image_size: int = settings.IMAGE_SIZE
+    resize_mode: str = settings.RESIZE_MODE
+    encode_quality: int = settings.ENCODE_QUALITY
+
+    def options(self):
+        from laion_vq.download import DownloadOptions
+
+        return DownloadOptions(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            encode_quality=self.encode_quality,
+            timeout=self.timeout,
+            retries=self.retries,
+            thread_count=self.thread_count,
+        )
+
+
+class VQGANEncoderResource(dg.ConfigurableResource):
+    """Which VQGAN, which checkpoint, where it runs. The model loads once per process and is reused."""
+
+    model: str = settings.MODEL.default  # type: ignore[assignment]
+    checkpoint: str | None = None
+    device: str = settings.DEVICE.default  # type: ignore[assignment]
+    batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
+    dtype: str = settings.ENCODE_DTYPE.default  # type: ignore[assignment]
+    _loaded: Any = PrivateAttr(default=None)
+
+    def vqgan_config(self):
+        from laion_vq.vqgan import get_model_config
+
+        return get_model_config(self.model)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load(self):
+        """The encoder module on its device; a missing checkpoint setting is a clear error."""
+        if self._loaded is None:
+            if not self.checkpoint:
+                raise dg.Failure(
+                    description=f"No VQGAN checkpoint configured: set {settings.CHECKPOINT.env} to the "
+                    f"{self.model} checkpoint (last.ckpt), or configure the `encoder` resource's `checkpoint`."
+                )
+            from laion_vq.vqgan import load_encoder
+
+            self._loaded = load_encoder(self.vqgan_config(), _absolute(self.checkpoint), device=self.resolved_device())
+        return self._loaded
+
+    def torch_dtype(self):
+        import torch
+
+        names = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.dtype not in names:
+            raise dg.Failure(description=f"{settings.ENCODE_DTYPE.env} must be one of {sorted(names)}")
+        return names[self.dtype]
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """The resources the code location uses, from the environment (see README: Configuration)."""
+    return {
+        "storage": StorageResource(root=_from_env(settings.STORAGE)),
+        "metadata": LaionMetadataResource(
+            source=_from_env(settings.METADATA),
+            samples_per_shard=_from_env(settings.SAMPLES_PER_SHARD, as_int=True),
+        ),
+        "downloader": DownloaderResource(
+            thread_count=_from_env(settings.DOWNLOAD_THREADS, as_int=True),
+            timeout=_from_env(settings.DOWNLOAD_TIMEOUT, as_int=True),
+            retries=_from_env(settings.DOWNLOAD_RETRIES, as_int=True),
+        ),
+        "encoder": VQGANEncoderResource(
+            model=_from_env(settings.MODEL),
+            checkpoint=_from_env(settings.CHECKPOINT),
+            device=_from_env(settings.DEVICE),
+            batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
+            dtype=_from_env(settings.ENCODE_DTYPE),
+        ),
+    }

@@ -1,0 +1,81 @@
+"""Every operator setting: its environment variable, default and meaning. The one place they live.
+
+Dagster resources (`resources.py`) take their values from here, as `EnvVar`s when the variable is
+set, so the UI shows where a value came from. Partition count and run batching are read at import,
+because Dagster needs them when it loads the definitions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from laion_vq.shards.numbering import DEFAULT_NUM_SHARDS, DEFAULT_SAMPLES_PER_SHARD
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str | int | None
+    help: str
+
+    def raw(self) -> str | None:
+        value = os.environ.get(self.env)
+        return value if value not in (None, "") else None
+
+    def get_str(self) -> str | None:
+        value = self.raw()
+        return value if value is not None else (None if self.default is None else str(self.default))
+
+    def get_int(self) -> int:
+        value = self.raw()
+        if value is None:
+            return int(self.default)  # type: ignore[arg-type]
+        try:
+            return int(value)
+        except ValueError as err:
+            raise ValueError(f"{self.env} must be an integer, got {value!r}") from err
+
+
+STORAGE = Setting("LAION_VQ_STORAGE", "./data", "storage root: a local path or an s3:// URI")
+METADATA = Setting(
+    "LAION_VQ_METADATA", "./data/laion-metadata", "LAION metadata: a parquet file, a folder of parts or a glob"
+)
+SAMPLES_PER_SHARD = Setting("LAION_VQ_SAMPLES_PER_SHARD", DEFAULT_SAMPLES_PER_SHARD, "samples per shard")
+NUM_SHARDS = Setting("LAION_VQ_NUM_SHARDS", DEFAULT_NUM_SHARDS, "partition count: shards 00000 … N-1")
+MODEL = Setting("LAION_VQ_MODEL", "vqgan_gumbel_f8", "VQGAN config name from laion_vq.vqgan.registry")
+CHECKPOINT = Setting("LAION_VQ_CHECKPOINT", None, "path or URI of the model's checkpoint (last.ckpt)")
+DEVICE = Setting("LAION_VQ_DEVICE", "auto", "encoder device: auto (cuda if available), cpu, cuda, cuda:1 …")
+ENCODE_BATCH_SIZE = Setting("LAION_VQ_ENCODE_BATCH_SIZE", 64, "images per encoder forward pass")
+ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CUDA: fp32, bf16 or fp16")
+DOWNLOAD_THREADS = Setting("LAION_VQ_DOWNLOAD_THREADS", 64, "img2dataset download threads per shard")
+DOWNLOAD_TIMEOUT = Setting("LAION_VQ_DOWNLOAD_TIMEOUT", 10, "seconds per image request")
+DOWNLOAD_RETRIES = Setting("LAION_VQ_DOWNLOAD_RETRIES", 0, "retries per failed image request")
+DOWNLOAD_SHARDS_PER_RUN = Setting(
+    "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN", 4, "backfill: shards per metadata+download run"
+)
+ENCODE_SHARDS_PER_RUN = Setting(
+    "LAION_VQ_ENCODE_SHARDS_PER_RUN", 32, "backfill: shards per encoder run (one model load each)"
+)
+
+ALL_SETTINGS = (
+    STORAGE,
+    METADATA,
+    SAMPLES_PER_SHARD,
+    NUM_SHARDS,
+    MODEL,
+    CHECKPOINT,
+    DEVICE,
+    ENCODE_BATCH_SIZE,
+    ENCODE_DTYPE,
+    DOWNLOAD_THREADS,
+    DOWNLOAD_TIMEOUT,
+    DOWNLOAD_RETRIES,
+    DOWNLOAD_SHARDS_PER_RUN,
+    ENCODE_SHARDS_PER_RUN,
+)
+
+#: Fixed by the LAION-400M tars: longest side to 256, white border, JPEG quality 95.
+IMAGE_SIZE = 256
+RESIZE_MODE = "border"
+ENCODE_QUALITY = 95
