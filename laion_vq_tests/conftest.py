@@ -1,0 +1,29 @@
+"""Shared fixtures: a loopback image server and a small random-weight checkpoint (real format)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_MODEL = "vqgan_gumbel_f8_tiny"
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    from laion_vq.fixtures.image_server import ImageServer
+
+    with ImageServer(slow_delay_s=3.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The tiny f8 test config with seeded random weights, saved as a Lightning checkpoint."""
+    from laion_vq.vqgan import get_model_config, save_random_checkpoint
+
+    path = str(tmp_path_factory.mktemp("ckpt") / f"{TINY_MODEL}-random.ckpt")
+    return save_random_checkpoint(get_model_config(TINY_MODEL), path, seed=0)

@@ -1,0 +1,127 @@
+"""The encode stage on hand-made shards: broken JPEGs counted, tar/status mismatch refused, counts reconcile."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from laion_vq.shards.codes import read_codes_provenance
+from laion_vq.shards.storage import StorageLayout
+from laion_vq.shards.tar_reader import CorruptShardError
+from laion_vq.stages import encode_code_shard
+from laion_vq.vqgan import get_model_config, load_encoder
+
+from .conftest import TINY_MODEL
+
+
+def _jpeg(seed: int, size: int = 256) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write_shard(layout: StorageLayout, shard: int, images: dict[str, bytes], failed: list[str]) -> None:
+    """A shard as img2dataset leaves it: tar of successes + status parquet of every row."""
+    import os
+
+    os.makedirs(layout.images_dir(), exist_ok=True)
+    with tarfile.open(layout.image_tar(shard), "w") as tar:
+        for key, data in sorted(images.items()):
+            for ext, payload in (("jpg", data), ("txt", b"caption"), ("json", json.dumps({"key": key}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    keys = sorted([*images, *failed])
+    status = pa.table(
+        {
+            "key": keys,
+            "status": ["success" if k in images else "failed_to_download" for k in keys],
+            "caption": [f"caption {k}" for k in keys],
+            "url": [f"http://127.0.0.1/{k}.jpg" for k in keys],
+            "SAMPLE_ID": list(range(len(keys))),
+            "NSFW": ["UNLIKELY"] * len(keys),
+        }
+    )
+    pq.write_table(status, layout.image_status(shard))
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_checkpoint):
+    config = get_model_config(TINY_MODEL)
+    model = load_encoder(config, tiny_checkpoint)
+    return config, model
+
+
+def _encode(layout, shard, tiny_encoder, batch_size=3):
+    config, model = tiny_encoder
+    return encode_code_shard(
+        layout,
+        shard,
+        model_name=TINY_MODEL,
+        encode=lambda b: model.encode_uint8(b, batch_size=batch_size),
+        grid=32,
+        n_embed=config.n_embed,
+        batch_size=batch_size,
+    )
+
+
+def test_counts_reconcile_and_broken_images_are_reported(tmp_path, tiny_encoder):
+    layout = StorageLayout(str(tmp_path))
+    images = {f"00004{i:04d}": _jpeg(i) for i in range(7)}
+    images["000040007"] = _jpeg(7)[:300]  # truncated JPEG
+    images["000040008"] = b"not an image"  # garbage
+    images["000040009"] = _jpeg(9, size=200)  # wrong size
+    _write_shard(layout, 4, images, failed=["000040010", "000040011"])
+
+    result = _encode(layout, 4, tiny_encoder)
+    table = pq.read_table(result.path)
+    assert result.status_rows == 12 and result.downloaded == 10
+    assert result.encoded == table.num_rows == 7
+    assert sum(result.undecodable.values()) == 3
+    assert result.undecodable_keys == ["000040007", "000040008", "000040009"]
+    assert any("expected 256x256" in reason for reason in result.undecodable)
+    # metadata rows = successes + failures; code rows = successes - undecodable
+    assert result.status_rows == result.downloaded + 2
+    assert result.encoded == result.downloaded - sum(result.undecodable.values())
+    assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
+    row = table.to_pylist()[0]
+    assert np.frombuffer(row["code"], np.int16).reshape(32, 32).max() < 8192
+    assert row["caption"] == "caption 000040000" and row["NSFW"] == "UNLIKELY"
+    assert read_codes_provenance(result.path)["undecodable"] == result.undecodable
+
+
+def test_codes_do_not_depend_on_batching(tmp_path, tiny_encoder):
+    layout = StorageLayout(str(tmp_path))
+    _write_shard(layout, 0, {f"00000{i:04d}": _jpeg(i) for i in range(5)}, failed=[])
+    a = pq.read_table(_encode(layout, 0, tiny_encoder, batch_size=2).path).column("code").to_pylist()
+    b = pq.read_table(_encode(layout, 0, tiny_encoder, batch_size=5).path).column("code").to_pylist()
+    assert a == b
+
+
+def test_tar_disagreeing_with_status_publishes_nothing(tmp_path, tiny_encoder):
+    layout = StorageLayout(str(tmp_path))
+    _write_shard(layout, 2, {"000020000": _jpeg(0)}, failed=[])
+    # status says a second image succeeded, but the tar (e.g. from an older run) lacks it
+    status = pq.read_table(layout.image_status(2))
+    extra = pa.table({name: [status.column(name)[0].as_py()] for name in status.column_names})
+    extra = extra.set_column(0, "key", pa.array(["000020001"]))
+    pq.write_table(pa.concat_tables([status, extra]), layout.image_status(2))
+    with pytest.raises(CorruptShardError, match="disagree"):
+        _encode(layout, 2, tiny_encoder)
+    assert not (tmp_path / "codes").exists()
+
+
+def test_missing_status_parquet_is_corrupt(tmp_path, tiny_encoder):
+    layout = StorageLayout(str(tmp_path))
+    _write_shard(layout, 1, {"000010000": _jpeg(0)}, failed=[])
+    (tmp_path / "images" / "00001.parquet").write_bytes(b"garbage")
+    with pytest.raises(CorruptShardError, match="status parquet"):
+        _encode(layout, 1, tiny_encoder)
