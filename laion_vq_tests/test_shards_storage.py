@@ -6,12 +6,12 @@ import io
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from laion_vq.shards import storage
 from laion_vq.shards.codes import build_codes_table, check_codes_table, decode_codes
 from laion_vq.shards.numbering import parse_shard_key, shard_key, shard_keys
 from laion_vq.shards.schema import CODES_SCHEMA
@@ -42,7 +42,7 @@ def test_publish_replaces_whole_file(tmp_path):
     dest = str(tmp_path / "out" / "00000.parquet")
     publish_bytes(b"old", dest)
     publish_bytes(b"new contents", dest)
-    assert open(dest, "rb").read() == b"new contents"
+    assert Path(dest).read_bytes() == b"new contents"
     assert os.listdir(tmp_path / "out") == ["00000.parquet"]
 
 
@@ -59,7 +59,7 @@ def test_crash_mid_publish_keeps_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "copyfileobj", crash)
     with pytest.raises(OSError, match="simulated"):
         publish_file(str(src), dest)
-    assert open(dest, "rb").read() == b"old complete file"
+    assert Path(dest).read_bytes() == b"old complete file"
     assert sorted(os.listdir(tmp_path)) == ["00000.tar", "new.tar"], "no temp file left behind"
 
 
@@ -140,7 +140,8 @@ def test_contract_catches_each_violation():
     assert any("not 2048 bytes" in p for p in short.problems)
 
     out_of_range = np.full((32, 32), 9000, np.int16).tobytes()
-    assert any("outside [0, 8192)" in p for p in check_codes_table(with_codes([out_of_range] * 2), 1, 32, 8192).problems)
+    report = check_codes_table(with_codes([out_of_range] * 2), 1, 32, 8192)
+    assert any("outside [0, 8192)" in p for p in report.problems)
     negative = np.full((32, 32), -1, np.int16).tobytes()
     assert check_codes_table(with_codes([negative] * 2), 1, 32, 8192).problems
 

@@ -1,0 +1,498 @@
+"""Download one LAION shard with img2dataset: the one module that touches img2dataset's internals.
+
+img2dataset has no public "download shard N" entry point (its `download()` shards a whole URL list
+itself, runs a logger process and swallows per-shard errors). We need one Dagster partition per
+shard, with errors that propagate, so we build the same Resizer / Downloader / WebDatasetSampleWriter
+that `img2dataset.main.download()` builds and call `Downloader.download_shard` directly. Because that
+relies on internals, the img2dataset version is pinned and checked when this module is imported.
+
+Guards against hostile or huge images (there is no `max_download_bytes`): img2dataset 1.47.0 reads
+each response whole with `urllib` inside a module-level function, so a response-size cap would need
+patching img2dataset. The guards are `timeout` (per socket operation, so a server that drips bytes
+can take longer), `max_image_area` (checked on the ORIGINAL image after decoding; it rejects
+decompression bombs before any resizing), and OpenCV's own `CV_IO_MAX_IMAGE_PIXELS` decode limit
+(2**30 pixels by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import io
+import json
+import math
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
+# by img2dataset.logger but never initialised by this module. Keep both offline and quiet.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+#: The img2dataset release whose internals (Downloader, Resizer, WebDatasetSampleWriter, compute_key,
+#: the `_stats.json` layout) this module was written and tested against.
+PINNED_IMG2DATASET_VERSION = "1.47.0"
+
+#: Statuses img2dataset writes into the per-shard parquet's `status` column.
+STATUSES = ("success", "failed_to_download", "failed_to_resize")
+
+#: img2dataset's defaults for `disallowed_header_directives` (X-Robots-Tag values we honour).
+DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+#: Column names img2dataset reserves for itself (`img2dataset.main.arguments_validator`).
+RESERVED_COLUMNS = frozenset(
+    {
+        "key",
+        "caption",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
+)
+
+_RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+_ENCODE_FORMATS = ("jpg", "png", "webp")
+_HASHES = (None, "md5", "sha256", "sha512")
+
+
+def check_img2dataset_version(installed: str) -> None:
+    """Refuse any img2dataset but the pinned one: we call its internals, which change without notice."""
+    if installed != PINNED_IMG2DATASET_VERSION:
+        raise ImportError(
+            f"laion_vq.download needs img2dataset=={PINNED_IMG2DATASET_VERSION} (it drives img2dataset's "
+            f"internal Downloader.download_shard), but img2dataset {installed} is installed. Install "
+            f"img2dataset=={PINNED_IMG2DATASET_VERSION} or re-check laion_vq/download/img2dataset_shard.py "
+            "against the new release and update the pin."
+        )
+
+
+def installed_img2dataset_version() -> str:
+    """The installed img2dataset distribution's version (img2dataset has no `__version__`)."""
+    try:
+        return importlib.metadata.version("img2dataset")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ImportError(
+            f"laion_vq.download needs img2dataset=={PINNED_IMG2DATASET_VERSION}, which is not installed"
+        ) from err
+
+
+check_img2dataset_version(installed_img2dataset_version())
+
+
+@functools.cache
+def _img2dataset() -> dict[str, ModuleType]:
+    """Import img2dataset lazily: it pulls in torch, webdataset and wandb (~3 s), which merely
+    importing `laion_vq.download` (e.g. when Dagster loads definitions) should not pay for."""
+    from img2dataset import downloader, resizer, writer
+
+    return {"downloader": downloader, "resizer": resizer, "writer": writer}
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How images are fetched and re-encoded; defaults are LAION-400M's (256px, border, jpg q95).
+
+    `max_image_area` is in pixels of the ORIGINAL image (checked after decoding, before resizing):
+    the guard against decompression bombs. `timeout` is seconds per socket operation. `compute_hash`
+    stores that hash of the downloaded (original) bytes in the parquet/json, as img2dataset's
+    `download()` does by default ("sha256"): it identifies the source image for dedup and provenance.
+    """
+
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: str = "lanczos"
+    downscale_interpolation: str = "area"
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    timeout: float = 10
+    retries: int = 0
+    thread_count: int = 32
+    max_image_area: float = 100_000_000
+    max_aspect_ratio: float = float("inf")
+    min_image_size: int = 0
+    user_agent_token: str | None = "img2dataset"
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
+    compute_hash: str | None = "sha256"
+    extract_exif: bool = True
+
+    def __post_init__(self) -> None:
+        # Fail at configuration time, not halfway through a 10,000-image shard.
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.encode_format not in _ENCODE_FORMATS:
+            raise ValueError(f"encode_format must be one of {_ENCODE_FORMATS}, got {self.encode_format!r}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.thread_count < 1:
+            raise ValueError(f"thread_count must be >= 1, got {self.thread_count}")
+        if self.max_image_area <= 0:
+            raise ValueError(f"max_image_area must be > 0 pixels, got {self.max_image_area}")
+        if self.compute_hash not in _HASHES:
+            raise ValueError(f"compute_hash must be one of {_HASHES}, got {self.compute_hash!r}")
+        if isinstance(self.disallowed_header_directives, str):
+            raise ValueError("disallowed_header_directives must be a sequence of directives, not a string")
+        # Accept lists from callers but store a tuple so the options stay hashable.
+        object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
+
+
+@dataclass
+class ShardDownloadResult:
+    """What one shard download produced (local paths) and img2dataset's own counts for it.
+
+    `status_counts` is the `_stats.json` `status_dict`: error message → count, plus a "success" entry.
+    `seconds` is the wall time of the whole call (feather write, download, verification).
+    """
+
+    shard_id: int
+    tar_path: str
+    parquet_path: str
+    stats_path: str
+    count: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    status_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_tar: int = 0
+
+
+def shard_name(shard_id: int, shard_digits: int = 5) -> str:
+    """The output file stem img2dataset uses for a shard: `3` → `"00003"`."""
+    _check_shard_id(shard_id, shard_digits)
+    return f"{shard_id:0{shard_digits}d}"
+
+
+def expected_key(shard_id: int, index: int, samples_per_shard: int, shard_digits: int = 5) -> str:
+    """The sample key img2dataset writes for row `index` of shard `shard_id` (via its `compute_key`).
+
+    For 10,000 samples/shard and 5 shard digits that is `NNNNNiiii`: shard 3, row 1 → `"000030001"`.
+    """
+    _check_shard_id(shard_id, shard_digits)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not 0 <= index < samples_per_shard:
+        raise ValueError(f"index must be in 0 … {samples_per_shard - 1}, got {index}")
+    oom_sample_per_shard = math.ceil(math.log10(samples_per_shard))
+    return _img2dataset()["downloader"].compute_key(index, shard_id, oom_sample_per_shard, shard_digits)
+
+
+def download_shard(
+    rows: pa.Table,
+    shard_id: int,
+    output_dir: str,
+    *,
+    samples_per_shard: int,
+    shard_digits: int = 5,
+    url_col: str = "URL",
+    caption_col: str = "TEXT",
+    additional_columns: Sequence[str] = ("SAMPLE_ID", "LICENSE", "NSFW", "similarity", "HEIGHT", "WIDTH"),
+    options: DownloadOptions = DownloadOptions(),  # noqa: B008 - frozen, so a shared default is safe
+) -> ShardDownloadResult:
+    """Download shard `shard_id` (its metadata rows, in order) into `output_dir` as img2dataset would.
+
+    Writes `{shard}.tar` (webdataset: `<key>.jpg/.txt/.json` per success), `{shard}.parquet` (one
+    status row per input row) and `{shard}_stats.json` into the LOCAL directory `output_dir`; moving
+    them to final storage is the caller's job. Parquet rows and tar members come in completion order,
+    not input order: join on `key` (see `expected_key`). Columns of `additional_columns` that `rows`
+    lacks are skipped (LAION parts vary). Any error propagates; on error, or if the outputs do not
+    account for every input row, the shard's partial outputs are removed and an exception is raised,
+    so a partial shard is never reported as done.
+    """
+    started = time.perf_counter()
+    table, column_list = _prepare_rows(
+        rows, shard_id, samples_per_shard, shard_digits, url_col, caption_col, additional_columns
+    )
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        raise ValueError(f"output_dir must be a local directory, got {output_dir!r}")
+    output_dir = os.path.abspath(output_dir.removeprefix("file://"))
+    os.makedirs(output_dir, exist_ok=True)
+    if options.resize_mode == "border":
+        _check_border_padding_is_white()
+
+    name = shard_name(shard_id, shard_digits)
+    tar_path = os.path.join(output_dir, f"{name}.tar")
+    parquet_path = os.path.join(output_dir, f"{name}.parquet")
+    stats_path = os.path.join(output_dir, f"{name}_stats.json")
+    outputs = (tar_path, parquet_path, stats_path)
+    _remove(outputs)  # stale files from an earlier attempt must not pass for this attempt's output
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"laion_vq_shard_{name}_") as tmp:
+            # Same file the Reader would write: an Arrow IPC file of exactly `column_list`, renamed.
+            feather_path = os.path.join(tmp, f"{shard_id}.feather")
+            with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            downloader = _build_downloader(output_dir, column_list, samples_per_shard, shard_digits, options)
+            # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
+            downloader.download_shard((shard_id, feather_path))
+        stats = _verify_outputs(
+            tar_path,
+            parquet_path,
+            stats_path,
+            shard_id,
+            table.num_rows,
+            samples_per_shard,
+            shard_digits,
+            options.encode_format,
+        )
+    except BaseException:
+        _remove(outputs)
+        raise
+
+    return ShardDownloadResult(
+        shard_id=shard_id,
+        tar_path=tar_path,
+        parquet_path=parquet_path,
+        stats_path=stats_path,
+        count=stats["count"],
+        successes=stats["successes"],
+        failed_to_download=stats["failed_to_download"],
+        failed_to_resize=stats["failed_to_resize"],
+        status_counts={str(k): int(v) for k, v in stats["status_dict"].items()},
+        seconds=time.perf_counter() - started,
+        bytes_tar=os.path.getsize(tar_path),
+    )
+
+
+def _check_shard_id(shard_id: int, shard_digits: int) -> None:
+    if shard_digits < 1:
+        raise ValueError(f"shard_digits must be >= 1, got {shard_digits}")
+    if not 0 <= shard_id < 10**shard_digits:
+        raise ValueError(
+            f"shard_id {shard_id} does not fit in {shard_digits} digits (0 … {10**shard_digits - 1})"
+        )
+
+
+def _is_plain_type(t: pa.DataType) -> bool:
+    """Types whose Python values json.dumps can write (img2dataset puts them in each sample's .json)."""
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_null(t)
+    )
+
+
+def _prepare_rows(
+    rows: pa.Table,
+    shard_id: int,
+    samples_per_shard: int,
+    shard_digits: int,
+    url_col: str,
+    caption_col: str,
+    additional_columns: Sequence[str],
+) -> tuple[pa.Table, list[str]]:
+    """Validate the shard's metadata and shape it like img2dataset's Reader does.
+
+    The column list is `additional + ["caption", "url"]`, with url/caption renamed, exactly as
+    `Reader.column_list` is built; the table holds those columns in that order.
+    """
+    _check_shard_id(shard_id, shard_digits)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not isinstance(rows, pa.Table):
+        raise TypeError(f"rows must be a pyarrow.Table, got {type(rows).__name__}")
+    present = rows.column_names
+    for role, col in (("URL", url_col), ("caption", caption_col)):
+        if col not in present:
+            raise ValueError(
+                f"{role} column {col!r} is missing from the shard's rows; columns present: {present}"
+            )
+    if url_col == caption_col:
+        raise ValueError(f"url_col and caption_col must differ, both are {url_col!r}")
+    if len(set(present)) != len(present):
+        raise ValueError(f"the shard's rows have duplicate column names: {present}")
+    if rows.num_rows > samples_per_shard:
+        raise ValueError(
+            f"shard {shard_id} has {rows.num_rows} rows, more than samples_per_shard={samples_per_shard}"
+        )
+    url_type = rows.schema.field(url_col).type
+    if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
+        raise ValueError(f"URL column {url_col!r} must be strings, got {url_type}")
+
+    extra: list[str] = []
+    for col in additional_columns:
+        if col in (url_col, caption_col):
+            raise ValueError(f"additional column {col!r} is the URL or caption column; it is always saved")
+        if col in RESERVED_COLUMNS:
+            raise ValueError(f"additional column {col!r} clashes with a column img2dataset reserves")
+        if col not in present or col in extra:
+            continue  # LAION parts vary: a column this part lacks is simply not carried
+        col_type = rows.schema.field(col).type
+        if not _is_plain_type(col_type):
+            raise ValueError(
+                f"additional column {col!r} has type {col_type}; only integer, float, string, bool and "
+                "null columns can ride along (img2dataset writes them into each sample's json)"
+            )
+        extra.append(col)
+
+    column_list = [*extra, "caption", "url"]
+    table = rows.select([*extra, caption_col, url_col]).rename_columns(column_list)
+    return table, column_list
+
+
+def _build_downloader(
+    output_dir: str,
+    column_list: list[str],
+    samples_per_shard: int,
+    shard_digits: int,
+    options: DownloadOptions,
+) -> Any:
+    """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`."""
+    mods = _img2dataset()
+    resizer = mods["resizer"].Resizer(
+        image_size=options.image_size,
+        resize_mode=options.resize_mode,
+        resize_only_if_bigger=options.resize_only_if_bigger,
+        upscale_interpolation=options.upscale_interpolation,
+        downscale_interpolation=options.downscale_interpolation,
+        encode_quality=options.encode_quality,
+        encode_format=options.encode_format,
+        skip_reencode=False,
+        disable_all_reencoding=False,
+        min_image_size=options.min_image_size,
+        max_image_area=options.max_image_area,
+        max_aspect_ratio=options.max_aspect_ratio,
+        blurrer=None,
+    )
+    directives = list(options.disallowed_header_directives) or None  # download(): [] means "honour none"
+    return mods["downloader"].Downloader(
+        sample_writer_class=mods["writer"].WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=options.thread_count,
+        save_caption=True,
+        extract_exif=options.extract_exif,
+        output_folder=output_dir,
+        column_list=column_list,
+        timeout=options.timeout,
+        number_sample_per_shard=samples_per_shard,
+        oom_shard_count=shard_digits,
+        compute_hash=options.compute_hash,
+        verify_hash_type=None,
+        encode_format=options.encode_format,
+        retries=options.retries,
+        user_agent_token=options.user_agent_token,
+        disallowed_header_directives=directives,
+        blurring_bbox_col=None,
+    )
+
+
+def _verify_outputs(
+    tar_path: str,
+    parquet_path: str,
+    stats_path: str,
+    shard_id: int,
+    num_rows: int,
+    samples_per_shard: int,
+    shard_digits: int,
+    encode_format: str,
+) -> dict[str, Any]:
+    """Check the three outputs account for every input row; img2dataset skips a sample whose
+    handling raised (it only prints), which would otherwise look like a complete shard."""
+    missing = [p for p in (tar_path, parquet_path, stats_path) if not os.path.isfile(p)]
+    if missing:
+        raise RuntimeError(f"img2dataset did not write {missing} for shard {shard_id}")
+    with open(stats_path, encoding="utf-8") as f:
+        stats = json.load(f)
+    failures = stats["failed_to_download"] + stats["failed_to_resize"]
+    if stats["count"] != num_rows or stats["successes"] + failures != num_rows:
+        raise RuntimeError(
+            f"shard {shard_id}: stats do not reconcile with {num_rows} input rows: count={stats['count']} "
+            f"successes={stats['successes']} failed_to_download={stats['failed_to_download']} "
+            f"failed_to_resize={stats['failed_to_resize']}"
+        )
+    status = pq.read_table(parquet_path, columns=["key", "status"])
+    if status.num_rows != num_rows:
+        raise RuntimeError(
+            f"shard {shard_id}: status parquet has {status.num_rows} rows for {num_rows} input rows "
+            "(img2dataset dropped samples whose handling failed; see its printed tracebacks)"
+        )
+    keys = status.column("key").to_pylist()
+    expected = {expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(num_rows)}
+    if set(keys) != expected or len(keys) != num_rows:
+        raise RuntimeError(f"shard {shard_id}: status parquet keys are not the expected {num_rows} keys")
+    statuses = status.column("status").to_pylist()
+    unknown = set(statuses) - set(STATUSES)
+    if unknown:
+        raise RuntimeError(
+            f"shard {shard_id}: unexpected statuses {sorted(map(str, unknown))} in the parquet"
+        )
+    parquet_successes = statuses.count("success")
+    if parquet_successes != stats["successes"]:
+        raise RuntimeError(
+            f"shard {shard_id}: parquet has {parquet_successes} successes, stats say {stats['successes']}"
+        )
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            images = sum(1 for m in tar if m.isfile() and m.name.endswith(f".{encode_format}"))
+    except tarfile.TarError as err:
+        raise RuntimeError(f"shard {shard_id}: {tar_path} is not a readable tar: {err}") from err
+    if images != stats["successes"]:
+        raise RuntimeError(
+            f"shard {shard_id}: tar holds {images} images, stats say {stats['successes']} successes"
+        )
+    return stats
+
+
+@functools.cache
+def _check_border_padding_is_white() -> None:
+    """Fail loudly if img2dataset's "border" mode stops padding white (LAION-400M's look).
+
+    img2dataset 1.47.0 passes `value=[255, 255, 255]` to albumentations' PadIfNeeded; albumentations
+    1.4.x maps that deprecated argument to `fill`, but a release that drops it would pad black
+    silently. One tiny resize (milliseconds, once per process) turns that drift into an error.
+    """
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    resizer = _img2dataset()["resizer"].Resizer(
+        image_size=32, resize_mode="border", resize_only_if_bigger=False
+    )
+    img_bytes, *_, err = resizer(io.BytesIO(buf.getvalue()))
+    if err is not None:
+        raise RuntimeError(f"img2dataset's Resizer failed on a tiny test image: {err}")
+    corner = np.asarray(Image.open(io.BytesIO(img_bytes)).convert("RGB"))[0, 0]
+    if corner.min() < 250:
+        try:
+            albumentations_version = importlib.metadata.version("albumentations")
+        except importlib.metadata.PackageNotFoundError:
+            albumentations_version = "unknown"
+        raise RuntimeError(
+            f"img2dataset's border resize pads with {corner.tolist()} instead of white with albumentations "
+            f"{albumentations_version}: PadIfNeeded no longer honours img2dataset's `value=` argument "
+            "(it became `fill=`). Pin albumentations<2 or wrap the Resizer here."
+        )
+
+
+def _remove(paths: Sequence[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

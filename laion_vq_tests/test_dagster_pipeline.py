@@ -1,0 +1,204 @@
+"""The whole chain through Dagster: metadata → img2dataset tars → VQGAN codes, 2 shards in one run,
+against a loopback image server, a real instance (ephemeral, and PostgreSQL) and the tiny f8 model."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.checks import code_parquets_contract
+from laion_vq.fixtures.demo_inputs import shard_urls
+from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.resources import (
+    DownloaderResource,
+    LaionMetadataResource,
+    StorageResource,
+    VQGANEncoderResource,
+)
+from laion_vq.shards.storage import StorageLayout
+
+from .conftest import TINY_MODEL
+
+SAMPLES = 10
+
+
+@pytest.fixture()
+def pipeline(tmp_path, image_server, tiny_checkpoint):
+    """Definitions wired to a temp storage root and metadata parts (shard 0 in part 0, shard 1 in part 1)."""
+    urls = shard_urls(image_server, 2, SAMPLES)
+    write_parts(str(tmp_path / "meta"), urls, row_group_size=3)
+    resources = {
+        "storage": StorageResource(root=str(tmp_path / "data")),
+        "metadata": LaionMetadataResource(source=str(tmp_path / "meta"), samples_per_shard=SAMPLES),
+        "downloader": DownloaderResource(thread_count=8, timeout=5),
+        "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", batch_size=4),
+    }
+    job = dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets])
+    check_job = dg.define_asset_job("check", selection=dg.AssetSelection.checks(code_parquets_contract))
+    defs = dg.Definitions(
+        assets=[raw_metadata_shards, image_tars, code_parquets],
+        asset_checks=[code_parquets_contract],
+        jobs=[job, check_job],
+        resources=resources,
+        executor=dg.in_process_executor,
+    )
+    return defs, StorageLayout(str(tmp_path / "data")), urls
+
+
+def _run_two_shards(defs, instance):
+    return defs.resolve_job_def("pipe").execute_in_process(
+        instance=instance,
+        tags={ASSET_PARTITION_RANGE_START_TAG: "00000", ASSET_PARTITION_RANGE_END_TAG: "00001"},
+    )
+
+
+def _failure_text(result) -> str:
+    """Every step failure's error message (a dg.Failure's description lands there)."""
+    return " ".join(
+        e.step_failure_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+    )
+
+
+def _materializations(instance, asset: str) -> dict[str, dict]:
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
+    return {
+        r.asset_materialization.partition: {k: v.value for k, v in r.asset_materialization.metadata.items()}
+        for r in records
+    }
+
+
+def _assert_pipeline_outputs(instance, layout, urls):
+    meta = _materializations(instance, "raw_metadata_shards")
+    images = _materializations(instance, "image_tars")
+    codes = _materializations(instance, "code_parquets")
+    assert set(meta) == set(images) == set(codes) == {"00000", "00001"}
+    for shard, key in enumerate(["00000", "00001"]):
+        expected_photos = sum("/img/" in u for u in urls[shard])
+        m, i, c = meta[key], images[key], codes[key]
+        assert m["dagster/row_count"] == SAMPLES
+        # metadata rows = successes + failures, and every photo URL succeeds
+        assert i["dagster/row_count"] == i["successes"] + i["failed_to_download"] + i["failed_to_resize"] == SAMPLES
+        assert i["successes"] == expected_photos
+        assert sum(i["failures_by_reason"].values()) == SAMPLES - expected_photos
+        # code rows = successes − undecodable
+        assert c["encoded"] == c["downloaded"] - c["undecodable"] == i["successes"]
+        table = pq.read_table(layout.code_shard(TINY_MODEL, shard))
+        assert table.num_rows == c["encoded"]
+        keys = table.column("key").to_pylist()
+        assert keys == sorted(keys) and all(k.startswith(key) for k in keys)
+        for row in table.to_pylist():
+            assert len(row["code"]) == 2048
+            grid = np.frombuffer(row["code"], np.int16).reshape(32, 32)
+            assert grid.min() >= 0 and grid.max() < 8192
+            assert row["url"] in urls[shard] and row["caption"].startswith("a photo")
+        status = pq.read_table(layout.image_status(shard))
+        assert status.num_rows == SAMPLES
+
+
+def test_two_shards_in_one_run_ephemeral_instance(pipeline):
+    defs, layout, urls = pipeline
+    with dg.instance_for_test() as instance:
+        result = _run_two_shards(defs, instance)
+        assert result.success
+        _assert_pipeline_outputs(instance, layout, urls)
+        check = defs.resolve_job_def("check").execute_in_process(instance=instance)
+        evaluation = check.get_asset_check_evaluations()[0]
+        assert evaluation.passed
+        assert evaluation.metadata["shards_checked"].value == 2
+
+        # corrupt one shard on storage: the check fails and names it, the good one is not blamed
+        with open(layout.code_shard(TINY_MODEL, 1), "wb") as f:
+            f.write(b"PAR1 truncated garbage")
+        check = defs.resolve_job_def("check").execute_in_process(instance=instance, raise_on_error=False)
+        evaluation = check.get_asset_check_evaluations()[0]
+        assert not evaluation.passed
+        assert evaluation.metadata["corrupted_shard_list"].value == "00001"
+
+        # a second run over the same shards replaces the files whole (atomic publish, no temp leftovers)
+        assert _run_two_shards(defs, instance).success
+        leftovers = [n for n in os.listdir(os.path.dirname(layout.code_shard(TINY_MODEL, 0))) if ".tmp-" in n]
+        assert leftovers == []
+        assert defs.resolve_job_def("check").execute_in_process(instance=instance).success
+
+
+def test_shard_beyond_metadata_fails_with_clear_message(pipeline):
+    defs, _, _ = pipeline
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [raw_metadata_shards],
+            partition_key="00005",
+            instance=instance,
+            resources={"storage": defs.resources["storage"], "metadata": defs.resources["metadata"]},
+            raise_on_error=False,
+        )
+        assert not result.success
+        assert "make 2 shard(s) (00000 … 00001)" in _failure_text(result)
+
+
+def test_missing_checkpoint_is_a_clear_failure(pipeline, tmp_path):
+    defs, _, _ = pipeline
+    with dg.instance_for_test() as instance:
+        assert _run_two_shards(defs, instance).success
+        result = dg.materialize(
+            [code_parquets],
+            partition_key="00000",
+            instance=instance,
+            resources={
+                "storage": defs.resources["storage"],
+                "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=None),
+            },
+            raise_on_error=False,
+        )
+        assert not result.success
+        assert "LAION_VQ_CHECKPOINT" in _failure_text(result)
+
+
+@pytest.fixture()
+def postgres_instance(tmp_path):
+    """A Dagster instance on the machine's real PostgreSQL, in a fresh database dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    params = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("PGUSER", "postgres"), "dbname": "test"}
+    try:
+        admin = psycopg2.connect(**params, connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {err}")
+    admin.autocommit = True
+    db = f"laion_vq_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {db}")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"      hostname: 127.0.0.1\n      port: 5432\n      username: {params['user']}\n"
+        f"      password: ''\n      db_name: {db}\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        yield instance
+    finally:
+        instance.dispose()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
+
+
+def test_two_shards_on_postgres_instance(pipeline, postgres_instance):
+    defs, layout, urls = pipeline
+    assert type(postgres_instance.run_storage).__name__ == "PostgresRunStorage"
+    result = _run_two_shards(defs, postgres_instance)
+    assert result.success
+    _assert_pipeline_outputs(postgres_instance, layout, urls)
+    run = postgres_instance.get_run_by_id(result.run_id)
+    assert run.tags[ASSET_PARTITION_RANGE_START_TAG] == "00000"
+    # the per-shard numbers live on each partition's own materialization, read back from PostgreSQL
+    codes = _materializations(postgres_instance, "code_parquets")
+    assert codes["00000"]["path"].endswith("00000.parquet") and codes["00001"]["path"].endswith("00001.parquet")
