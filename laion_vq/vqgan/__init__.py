@@ -1,0 +1,41 @@
+"""VQGAN encoder (taming-transformers compatible) that turns images into integer code grids.
+
+Pure PyTorch, no Dagster: build with :class:`VQGANEncoder` or load a released checkpoint with
+:func:`load_encoder`; model hyper-parameters live in :mod:`laion_vq.vqgan.registry`.
+The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vqgan.reference`
+(dev dependency only, not imported here).
+"""
+
+from .checkpoint import (
+    CheckpointError,
+    ForeignObject,
+    load_encoder,
+    load_state_dict,
+    save_random_checkpoint,
+)
+from .model import VQGANEncoder, preprocess
+from .modules import AttnBlock, Downsample, Encoder, Normalize, ResnetBlock, nonlinearity
+from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
+from .registry import DEFAULT_MODEL, MODELS, VQGANConfig, get_model_config
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "AttnBlock",
+    "CheckpointError",
+    "Downsample",
+    "Encoder",
+    "ForeignObject",
+    "GumbelQuantizeHead",
+    "Normalize",
+    "ResnetBlock",
+    "VQGANConfig",
+    "VQGANEncoder",
+    "VectorQuantizeHead",
+    "get_model_config",
+    "load_encoder",
+    "load_state_dict",
+    "nonlinearity",
+    "preprocess",
+    "save_random_checkpoint",
+]

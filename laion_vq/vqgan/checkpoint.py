@@ -1,0 +1,328 @@
+"""Loading (and, for tests/demos, writing) taming-transformers VQGAN checkpoints safely.
+
+Released VQGAN checkpoints are PyTorch-Lightning ``.ckpt`` files: a ``torch.save``'d dict whose
+``state_dict`` holds the weights, next to training state that pickles *references* to classes of
+``pytorch_lightning`` (e.g. the ``ModelCheckpoint`` class used as a key of ``callbacks``) and
+sometimes ``omegaconf`` objects in ``hyper_parameters``. Neither library is installed here, and a
+plain ``pickle`` load would import -- and could execute -- whatever the file names.
+
+:func:`load_state_dict` therefore uses ``torch.load(weights_only=True)`` and maps every global that
+torch does not allow by default to an inert placeholder class (:class:`ForeignObject`):
+
+Supported
+    * class or function references anywhere in the file (dict keys, values, hyper-parameters);
+    * objects of foreign classes rebuilt through ``REDUCE``/``NEWOBJ``/``BUILD`` (e.g. omegaconf
+      containers, argparse namespaces, objects whose ``__reduce__`` names an arbitrary function):
+      they become :class:`ForeignObject` instances that merely *record* their arguments/state;
+      the named function or class is never imported, let alone called;
+    * zip-format files (torch >= 1.6, what every released VQGAN uses) and legacy-format files.
+
+Not supported (clear :class:`CheckpointError`)
+    * globals from modules that torch refuses even when allowlisted (``os``, ``sys``, ``posix``,
+      ``nt``) -- a weights file has no business naming them;
+    * foreign *dict/list subclasses* filled by ``SETITEMS``/``APPENDS`` (torch only lets exact
+      ``dict``/``list`` receive items) -- a checkpoint whose ``state_dict`` sits next to one cannot
+      be read through the weights-only unpickler;
+    * pickle protocols above 2 (``torch.save`` always writes protocol 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pickle import UnpicklingError
+from typing import Any
+
+import torch
+
+from .model import VQGANEncoder
+from .registry import VQGANConfig
+
+__all__ = [
+    "CheckpointError",
+    "ForeignObject",
+    "load_encoder",
+    "load_state_dict",
+    "save_random_checkpoint",
+]
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS — not a trained model; made by laion_vq for tests/demo"
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+_MAX_LEGACY_RETRIES = 256
+_SHOW = 5
+
+
+class CheckpointError(ValueError):
+    """The file is missing, not a torch checkpoint, unsafe to read, or does not fit the model."""
+
+
+class ForeignObject:
+    """Inert stand-in for a class/function a checkpoint names but we refuse to import.
+
+    A subclass is made per qualified name (``foreign_name``). Calling the class, ``NEWOBJ`` and
+    ``BUILD`` only store their inputs in ``args``/``state``; nothing else ever runs. Subclasses are
+    hashable, so they work as the ``callbacks`` dict keys Lightning writes.
+    """
+
+    foreign_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<ForeignObject {self.foreign_name}>"
+
+
+def _placeholder(qualified_name: str) -> type[ForeignObject]:
+    return type(
+        f"ForeignObject[{qualified_name}]",
+        (ForeignObject,),
+        {"foreign_name": qualified_name, "__module__": __name__},
+    )
+
+
+def _unsafe_globals_zip(path: str) -> list[str]:
+    return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+
+
+def _weights_only_load(path: str, names: list[str]) -> Any:
+    """``torch.load(weights_only=True)`` with ``names`` mapped to fresh placeholders.
+
+    ``safe_globals`` edits a process-wide allowlist for the duration of the load; a concurrent load
+    in another thread may therefore also see these placeholders, which is harmless because they are
+    inert. ``weights_only=True`` passed explicitly is not overridable by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+    """
+    mapping = [(_placeholder(n), n) for n in names]
+    with torch.serialization.safe_globals(mapping):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_weights_only(path: str) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            names = _unsafe_globals_zip(path)
+        except (ValueError, RuntimeError, UnpicklingError, KeyError, EOFError) as e:
+            raise CheckpointError(f"{path}: zip file is not a torch.save checkpoint ({e})") from e
+        return _weights_only_load(path, sorted(names))
+    if not head.startswith(_PICKLE_PROTO):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (unrecognised header {head!r})")
+    # Legacy (pre-zip) format: torch has no static scanner for it, so discover foreign globals one
+    # at a time from the weights-only unpickler's refusal message. Nothing is executed meanwhile.
+    names: list[str] = []
+    for _ in range(_MAX_LEGACY_RETRIES):
+        try:
+            return _weights_only_load(path, names)
+        except UnpicklingError as e:
+            match = _UNSUPPORTED_GLOBAL.search(str(e))
+            if match is None:
+                raise
+            name = match.group(1)
+            if "." not in name:  # torch strips the "builtins." prefix in its message
+                name = f"builtins.{name}"
+            if name in names:
+                raise
+            names.append(name)
+    raise CheckpointError(f"{path}: more than {_MAX_LEGACY_RETRIES} foreign globals")
+
+
+@contextmanager
+def _local_copy(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a local filesystem path for ``path``; remote fsspec URLs are copied to a temp file."""
+    path = os.fspath(path)
+    if "://" not in path or path.startswith("file://"):
+        local = path.removeprefix("file://")
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        yield local
+        return
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.isfile(fs_path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    fd, tmp = tempfile.mkstemp(suffix=".ckpt", prefix="laion_vq_ckpt_")
+    try:
+        with os.fdopen(fd, "wb") as dst, fs.open(fs_path, "rb") as src:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        sd = obj["state_dict"]
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        what = f"dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{path}: no 'state_dict' entry and not a dict of tensors (got {what})")
+    tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: 'state_dict' contains no tensors")
+    return tensors
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Weights of a Lightning ``.ckpt`` (its ``state_dict``) or of a bare state dict, on CPU.
+
+    ``path`` is a local path or any fsspec URL (``s3://...``, ``memory://...``). Never imports or
+    calls code named in the file; see the module docstring for exactly what can be read.
+    """
+    with _local_copy(path) as local:
+        try:
+            obj = _load_weights_only(local)
+        except CheckpointError:
+            raise
+        except (UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{os.fspath(path)}: cannot be read as a weights-only checkpoint: {e}") from e
+    return _extract_state_dict(obj, os.fspath(path))
+
+
+def _summarise(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
+
+
+def _describe(state: Mapping[str, torch.Tensor]) -> str:
+    """What architecture a checkpoint's keys suggest, to make mismatch errors actionable."""
+    levels = {int(k.split(".")[2]) for k in state if k.startswith("encoder.down.") and k.split(".")[2].isdigit()}
+    parts = [f"f{2 ** max(levels)}" if levels else "no encoder.down.* keys"]
+    if "quantize.proj.weight" in state:
+        parts.append(f"gumbel quantizer with {state['quantize.proj.weight'].shape[0]} codes")
+    elif "quantize.embedding.weight" in state:
+        parts.append(f"vq quantizer with {state['quantize.embedding.weight'].shape[0]} codes")
+    else:
+        parts.append("no known quantizer keys")
+    return ", ".join(parts)
+
+
+def load_encoder(
+    config: VQGANConfig,
+    checkpoint_path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+) -> VQGANEncoder:
+    """Build the encoder for ``config`` and fill it from a checkpoint, in eval mode on ``device``.
+
+    Decoder, ``post_quant_conv`` and loss/discriminator weights are ignored. Every encoder key must
+    be present with the right shape, and no unknown ``encoder.``/``quant_conv.``/``quantize.`` key
+    may be left over (e.g. a ``quantize.used`` remap table, which would change what codes mean);
+    otherwise a :class:`CheckpointError` lists what does not fit.
+    """
+    state = load_state_dict(checkpoint_path)
+    relevant = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    # Built on the meta device: no time wasted on a random init that the strict load overwrites.
+    with torch.device("meta"):
+        model = VQGANEncoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in relevant]
+    mismatched = [
+        f"{k}: checkpoint {tuple(relevant[k].shape)} vs model {shape}"
+        for k, shape in expected.items()
+        if k in relevant and tuple(relevant[k].shape) != shape
+    ]
+    unexpected = [k for k in relevant if k not in expected]
+    if missing or mismatched or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches: {_summarise(mismatched)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(checkpoint_path)} does not fit model {config.name!r} "
+            f"(checkpoint looks like {_describe(relevant)}; model is f{config.downsample_factor}, "
+            f"{config.quantizer} quantizer with {config.n_embed} codes): " + "; ".join(problems)
+        )
+    model.to_empty(device="cpu")
+    model.load_state_dict(relevant, strict=True)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _representative_extra_keys(config: VQGANConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A few non-encoder tensors a real VQGAN checkpoint has, which loading must ignore."""
+    top = config.ch * config.ch_mult[-1]
+    shapes: dict[str, tuple[int, ...]] = {
+        "post_quant_conv.weight": (config.z_channels, config.embed_dim, 1, 1),
+        "post_quant_conv.bias": (config.z_channels,),
+        "decoder.conv_in.weight": (top, config.z_channels, 3, 3),
+        "decoder.conv_in.bias": (top,),
+        "decoder.norm_out.weight": (config.ch * config.ch_mult[0],),
+        "decoder.norm_out.bias": (config.ch * config.ch_mult[0],),
+        "decoder.conv_out.weight": (config.in_channels, config.ch * config.ch_mult[0], 3, 3),
+        "decoder.conv_out.bias": (config.in_channels,),
+        "loss.logvar": (),
+        "loss.discriminator.main.0.weight": (64, config.in_channels, 4, 4),
+        "loss.discriminator.main.0.bias": (64,),
+    }
+    return {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+
+
+def save_random_checkpoint(config: VQGANConfig, path: str | os.PathLike[str], seed: int = 0) -> str:
+    """Write a Lightning-format checkpoint with seeded *random* weights for ``config``; return ``path``.
+
+    The file has the real layout (``state_dict`` with encoder, ``post_quant_conv``, some decoder and
+    loss keys; ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``callbacks``) and a
+    top-level ``laion_vq_note`` saying the weights are random. Local paths are written atomically
+    (temp file + ``os.replace``); fsspec URLs are uploaded from a local temp file.
+    """
+    torch.manual_seed(seed)
+    model = VQGANEncoder(config)
+    state_dict: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state_dict.update(_representative_extra_keys(config, torch.Generator().manual_seed(seed + 1)))
+    ckpt = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": "1.0.8",
+        "state_dict": state_dict,
+        "callbacks": {},
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "laion_vq_note": RANDOM_WEIGHTS_NOTE,
+    }
+    target = os.fspath(path)
+    remote = "://" in target and not target.startswith("file://")
+    local_target = target.removeprefix("file://")
+    directory = tempfile.gettempdir() if remote else (os.path.dirname(os.path.abspath(local_target)) or ".")
+    if not remote:
+        os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".ckpt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if remote:
+            import fsspec
+
+            fs, fs_path = fsspec.core.url_to_fs(target)
+            fs.put_file(tmp, fs_path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, local_target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
