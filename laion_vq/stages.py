@@ -25,7 +25,7 @@ from PIL import Image
 from laion_vq.shards.codes import build_codes_table, check_codes_table, write_codes_parquet
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
-from laion_vq.shards.storage import StorageLayout, filesystem, publish_bytes, publish_file, read_bytes
+from laion_vq.shards.storage import StorageLayout, exists, filesystem, publish_bytes, publish_file, read_bytes
 from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def download_image_shard(
     """
     from laion_vq.download import DownloadOptions, download_shard
 
-    rows = pq.read_table(io.BytesIO(read_bytes(layout.metadata_shard(shard_id))))
+    rows = pq.read_table(io.BytesIO(_require(layout.metadata_shard(shard_id), "raw_metadata_shards")))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"laion_vq_dl_{shard_id:05d}_") as scratch:
         result = download_shard(
@@ -162,8 +162,16 @@ def _decode_rgb(data: bytes, image_size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def _require(url: str, upstream: str, read: bool = True) -> bytes:
+    """The upstream file's bytes; a missing file says which asset to materialize first."""
+    if not exists(url):
+        raise FileNotFoundError(f"{url} does not exist: materialize {upstream} for this shard first")
+    return read_bytes(url) if read else b""
+
+
 def _status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
     url = layout.image_status(shard_id)
+    _require(url, "image_tars", read=False)
     try:
         table = pq.read_table(io.BytesIO(read_bytes(url)))
     except Exception as err:  # noqa: BLE001 - any read failure means the shard cannot be trusted
@@ -196,6 +204,7 @@ def encode_code_shard(
     status = _status_rows(layout, shard_id)
     success_keys = {k for k, row in status.items() if row["status"] == "success"}
     tar_url = layout.image_tar(shard_id)
+    _require(tar_url, "image_tars", read=False)
 
     keys: list[str] = []
     codes: list[np.ndarray] = []

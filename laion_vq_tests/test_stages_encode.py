@@ -125,3 +125,13 @@ def test_missing_status_parquet_is_corrupt(tmp_path, tiny_encoder):
     (tmp_path / "images" / "00001.parquet").write_bytes(b"garbage")
     with pytest.raises(CorruptShardError, match="status parquet"):
         _encode(layout, 1, tiny_encoder)
+
+
+def test_missing_upstream_names_the_asset_to_materialize(tmp_path, tiny_encoder):
+    from laion_vq.stages import download_image_shard
+
+    layout = StorageLayout(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="materialize image_tars"):
+        _encode(layout, 3, tiny_encoder)
+    with pytest.raises(FileNotFoundError, match="materialize raw_metadata_shards"):
+        download_image_shard(layout, 3, samples_per_shard=10)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import dagster as dg
@@ -44,5 +45,14 @@ def for_each_shard(
     return results
 
 
-def total(results: Iterable, attr: str) -> float:
-    return sum(getattr(r, attr) for r in results)
+def throttled(log: Callable[[str], None], every_seconds: float = 30.0) -> Callable[[str], None]:
+    """A progress logger that writes at most once per `every_seconds` (long shards, few events)."""
+    last = [0.0]
+
+    def emit(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_seconds:
+            last[0] = now
+            log(message)
+
+    return emit

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 
 from laion_vq import settings
-from laion_vq.assets._runs import for_each_shard
+from laion_vq.assets._runs import for_each_shard, throttled
 from laion_vq.assets.images import image_tars
 from laion_vq.partitions import shard_partitions
 from laion_vq.resources import StorageResource, VQGANEncoderResource
@@ -91,7 +91,7 @@ def code_parquets(
             image_size=settings.IMAGE_SIZE,
             batch_size=encoder.batch_size,
             provenance=provenance,
-            progress=context.log.debug,
+            progress=throttled(context.log.info),
         )
 
     results = for_each_shard(context, work, _metadata)
