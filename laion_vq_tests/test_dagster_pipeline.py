@@ -202,3 +202,29 @@ def test_two_shards_on_postgres_instance(pipeline, postgres_instance):
     # the per-shard numbers live on each partition's own materialization, read back from PostgreSQL
     codes = _materializations(postgres_instance, "code_parquets")
     assert codes["00000"]["path"].endswith("00000.parquet") and codes["00001"]["path"].endswith("00001.parquet")
+
+
+def test_one_bad_shard_fails_the_run_but_keeps_the_good_ones(tmp_path, image_server):
+    """Shard 00001 is beyond a one-shard metadata source: 00000 is recorded, 00001 is named as failed."""
+    write_parts(str(tmp_path / "meta"), shard_urls(image_server, 1, SAMPLES))
+    resources = {
+        "storage": StorageResource(root=str(tmp_path / "data")),
+        "metadata": LaionMetadataResource(source=str(tmp_path / "meta"), samples_per_shard=SAMPLES),
+    }
+    job = dg.define_asset_job("slice_only", selection=[raw_metadata_shards])
+    defs = dg.Definitions(assets=[raw_metadata_shards], jobs=[job], resources=resources)
+    with dg.instance_for_test() as instance:
+        result = _run_two_shards_of(defs, "slice_only", instance)
+        assert not result.success
+        assert "1 of 2 shard(s) failed: 00001: ShardOutOfRange" in _failure_text(result)
+        assert set(_materializations(instance, "raw_metadata_shards")) == {"00000"}
+        assert (tmp_path / "data" / "metadata" / "00000.parquet").exists()
+        assert not (tmp_path / "data" / "metadata" / "00001.parquet").exists()
+
+
+def _run_two_shards_of(defs, job_name, instance):
+    return defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance,
+        tags={ASSET_PARTITION_RANGE_START_TAG: "00000", ASSET_PARTITION_RANGE_END_TAG: "00001"},
+        raise_on_error=False,
+    )

@@ -20,11 +20,13 @@ def for_each_shard(
 ) -> list[T]:
     """Run `work` for every partition of this run, recording each shard's metadata on its own partition.
 
-    One bad shard does not stop the others; at the end the step fails and names every failed shard
-    with its error, so a backfill shows exactly which shards to look at.
+    One bad shard does not stop the others. If any failed, the shards that succeeded are still recorded
+    as materialized (their files are published) and the step then fails naming every failed shard and
+    its error, so a backfill shows exactly which shards to look at and retries only those.
     """
     keys = list(context.partition_keys)
     results: list[T] = []
+    done: dict[str, dict] = {}
     failures: dict[str, str] = {}
     for index, key in enumerate(keys, start=1):
         try:
@@ -34,14 +36,21 @@ def for_each_shard(
             failures[key] = f"{type(err).__name__}: {err}"
             continue
         results.append(result)
-        context.add_asset_metadata(metadata(result), partition_key=key)
+        done[key] = metadata(result)
         context.log.info(f"shard {key} done ({index}/{len(keys)})")
     if failures:
+        for key, meta in done.items():
+            context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=meta))
         raise dg.Failure(
             description=f"{len(failures)} of {len(keys)} shard(s) failed: "
             + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
-            metadata={"failed_shards": dg.MetadataValue.json(failures)},
+            metadata={
+                "failed_shards": dg.MetadataValue.json(failures),
+                "succeeded_shards": dg.MetadataValue.json(sorted(done)),
+            },
         )
+    for key, meta in done.items():
+        context.add_asset_metadata(meta, partition_key=key)
     return results
 
 
