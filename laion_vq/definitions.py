@@ -4,7 +4,7 @@ import dagster as dg
 
 from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.assets.codes import GPU_TAGS
-from laion_vq.checks import code_parquets_contract
+from laion_vq.checks import code_parquets_contract, image_tars_complete
 from laion_vq.resources import default_resources
 
 #: Download runs: metadata slice + img2dataset per shard, in process (steps are long, start-up is not).
@@ -32,17 +32,17 @@ pipeline_job = dg.define_asset_job(
     description="Metadata → image tar → VQGAN codes for the selected shard(s).",
 )
 
-#: The contract audit over every code parquet on storage; run it on demand or from a schedule.
+#: The audits over every shard on storage; run on demand or from a schedule.
 check_job = dg.define_asset_job(
-    "check_code_parquets",
-    selection=dg.AssetSelection.checks(code_parquets_contract),
+    "audit_shards",
+    selection=dg.AssetSelection.checks(code_parquets_contract, image_tars_complete),
     executor_def=dg.in_process_executor,
-    description="Validate every code parquet on storage and list the corrupted shards.",
+    description="Audit every image tar and code parquet on storage and list the corrupted shards.",
 )
 
 defs = dg.Definitions(
     assets=[raw_metadata_shards, image_tars, code_parquets],
-    asset_checks=[code_parquets_contract],
+    asset_checks=[code_parquets_contract, image_tars_complete],
     jobs=[download_job, encode_job, pipeline_job, check_job],
     resources=default_resources(),
     executor=dg.in_process_executor,

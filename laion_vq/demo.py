@@ -97,10 +97,10 @@ def run_pipeline(shards: int) -> bool:
                 print(event.message, file=sys.stderr)
         return False
 
-    check = defs.resolve_job_def("check_code_parquets").execute_in_process(instance=instance, raise_on_error=False)
+    check = defs.resolve_job_def("audit_shards").execute_in_process(instance=instance, raise_on_error=False)
     for ev in check.get_asset_check_evaluations():
         meta = {k: v.value for k, v in ev.metadata.items()}
-        print(f"\ncheck code_parquets_contract: {'PASSED' if ev.passed else 'FAILED'} "
+        print(f"check {ev.check_name}: {'PASSED' if ev.passed else 'FAILED'} "
               f"({meta.get('shards_checked')} shards, {meta.get('rows_checked')} rows, "
               f"corrupted: {meta.get('corrupted_shard_list')})")
     return check.success

@@ -13,7 +13,7 @@ import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.checks import code_parquets_contract
+from laion_vq.checks import code_parquets_contract, image_tars_complete
 from laion_vq.fixtures.demo_inputs import shard_urls
 from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.resources import (
@@ -41,10 +41,12 @@ def pipeline(tmp_path, image_server, tiny_checkpoint):
         "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", batch_size=4),
     }
     job = dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets])
-    check_job = dg.define_asset_job("check", selection=dg.AssetSelection.checks(code_parquets_contract))
+    check_job = dg.define_asset_job(
+        "check", selection=dg.AssetSelection.checks(code_parquets_contract, image_tars_complete)
+    )
     defs = dg.Definitions(
         assets=[raw_metadata_shards, image_tars, code_parquets],
-        asset_checks=[code_parquets_contract],
+        asset_checks=[code_parquets_contract, image_tars_complete],
         jobs=[job, check_job],
         resources=resources,
         executor=dg.in_process_executor,
@@ -57,6 +59,11 @@ def _run_two_shards(defs, instance):
         instance=instance,
         tags={ASSET_PARTITION_RANGE_START_TAG: "00000", ASSET_PARTITION_RANGE_END_TAG: "00001"},
     )
+
+
+def _check(defs, instance) -> dict:
+    result = defs.resolve_job_def("check").execute_in_process(instance=instance, raise_on_error=False)
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
 def _failure_text(result) -> str:
@@ -108,24 +115,26 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         result = _run_two_shards(defs, instance)
         assert result.success
         _assert_pipeline_outputs(instance, layout, urls)
-        check = defs.resolve_job_def("check").execute_in_process(instance=instance)
-        evaluation = check.get_asset_check_evaluations()[0]
-        assert evaluation.passed
-        assert evaluation.metadata["shards_checked"].value == 2
+        evaluations = _check(defs, instance)
+        assert all(e.passed for e in evaluations.values())
+        assert evaluations["code_parquets_contract"].metadata["shards_checked"].value == 2
+        assert evaluations["image_tars_complete"].metadata["rows_checked"].value == 2 * SAMPLES
 
-        # corrupt one shard on storage: the check fails and names it, the good one is not blamed
+        # corrupt shards on storage: each check fails and names its shard, the good one is not blamed
         with open(layout.code_shard(TINY_MODEL, 1), "wb") as f:
             f.write(b"PAR1 truncated garbage")
-        check = defs.resolve_job_def("check").execute_in_process(instance=instance, raise_on_error=False)
-        evaluation = check.get_asset_check_evaluations()[0]
-        assert not evaluation.passed
-        assert evaluation.metadata["corrupted_shard_list"].value == "00001"
+        os.remove(layout.image_stats(0))
+        evaluations = _check(defs, instance)
+        assert not evaluations["code_parquets_contract"].passed
+        assert evaluations["code_parquets_contract"].metadata["corrupted_shard_list"].value == "00001"
+        assert not evaluations["image_tars_complete"].passed
+        assert evaluations["image_tars_complete"].metadata["corrupted"].value == {"00000": ["stats json missing"]}
 
         # a second run over the same shards replaces the files whole (atomic publish, no temp leftovers)
         assert _run_two_shards(defs, instance).success
         leftovers = [n for n in os.listdir(os.path.dirname(layout.code_shard(TINY_MODEL, 0))) if ".tmp-" in n]
         assert leftovers == []
-        assert defs.resolve_job_def("check").execute_in_process(instance=instance).success
+        assert all(e.passed for e in _check(defs, instance).values())
 
 
 def test_shard_beyond_metadata_fails_with_clear_message(pipeline):
