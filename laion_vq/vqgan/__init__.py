@@ -1,7 +1,8 @@
-"""VQGAN encoder (taming-transformers compatible) that turns images into integer code grids.
+"""VQGAN encoder (taming-transformers compatible) that turns images into integer code grids, and its decoder.
 
 Pure PyTorch, no Dagster: build with :class:`VQGANEncoder` or load a released checkpoint with
-:func:`load_encoder`; model hyper-parameters live in :mod:`laion_vq.vqgan.registry`.
+:func:`load_encoder`; :func:`load_decoder` gives the :class:`VQGANDecoder` that turns codes back into
+images (for looking at them); model hyper-parameters live in :mod:`laion_vq.vqgan.registry`.
 The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vqgan.reference`
 (dev dependency only, not imported here).
 """
@@ -9,10 +10,12 @@ The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vq
 from .checkpoint import (
     CheckpointError,
     ForeignObject,
+    load_decoder,
     load_encoder,
     load_state_dict,
     save_random_checkpoint,
 )
+from .decoder import Decoder, GumbelCodebook, Upsample, VQCodebook, VQGANDecoder
 from .model import VQGANEncoder, preprocess
 from .modules import AttnBlock, Downsample, Encoder, Normalize, ResnetBlock, nonlinearity
 from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
@@ -23,16 +26,22 @@ __all__ = [
     "MODELS",
     "AttnBlock",
     "CheckpointError",
+    "Decoder",
     "Downsample",
     "Encoder",
     "ForeignObject",
+    "GumbelCodebook",
     "GumbelQuantizeHead",
     "Normalize",
     "ResnetBlock",
+    "Upsample",
+    "VQCodebook",
     "VQGANConfig",
+    "VQGANDecoder",
     "VQGANEncoder",
     "VectorQuantizeHead",
     "get_model_config",
+    "load_decoder",
     "load_encoder",
     "load_state_dict",
     "nonlinearity",

@@ -32,25 +32,31 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pickle import UnpicklingError
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
+from .decoder import VQGANDecoder
 from .model import VQGANEncoder
 from .registry import VQGANConfig
 
 __all__ = [
     "CheckpointError",
     "ForeignObject",
+    "load_decoder",
     "load_encoder",
     "load_state_dict",
     "save_random_checkpoint",
 ]
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
+DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
+# The Gumbel logits head: the encoder's part of ``quantize.``, which decoding never uses.
+_ENCODER_ONLY_PREFIXES = ("quantize.proj.",)
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS — not a trained model; made by laion_vq for tests/demo"
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -205,15 +211,78 @@ def _summarise(items: list[str]) -> str:
 
 def _describe(state: Mapping[str, torch.Tensor]) -> str:
     """What architecture a checkpoint's keys suggest, to make mismatch errors actionable."""
-    levels = {int(k.split(".")[2]) for k in state if k.startswith("encoder.down.") and k.split(".")[2].isdigit()}
-    parts = [f"f{2 ** max(levels)}" if levels else "no encoder.down.* keys"]
+    parts = []
+    for prefix in ("encoder.down.", "decoder.up."):
+        levels = {int(k.split(".")[2]) for k in state if k.startswith(prefix) and k.split(".")[2].isdigit()}
+        if levels:
+            parts.append(f"f{2 ** max(levels)}")
+            break
+    else:
+        parts.append("no encoder.down.* or decoder.up.* keys")
     if "quantize.proj.weight" in state:
         parts.append(f"gumbel quantizer with {state['quantize.proj.weight'].shape[0]} codes")
+    elif "quantize.embed.weight" in state:
+        parts.append(f"gumbel quantizer with {state['quantize.embed.weight'].shape[0]} codes")
     elif "quantize.embedding.weight" in state:
         parts.append(f"vq quantizer with {state['quantize.embedding.weight'].shape[0]} codes")
     else:
         parts.append("no known quantizer keys")
     return ", ".join(parts)
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _load_part(
+    build: Callable[[VQGANConfig], _M],
+    part: str,
+    config: VQGANConfig,
+    checkpoint_path: str | os.PathLike[str],
+    device: str | torch.device,
+    prefixes: tuple[str, ...],
+    ignored: tuple[str, ...] = (),
+) -> _M:
+    """Build ``build(config)`` and fill it strictly from the checkpoint keys under ``prefixes``.
+
+    Keys under ``prefixes`` but also under ``ignored`` are skipped. Every model key must be present
+    with the right shape and no other key under ``prefixes`` may be left over; otherwise a
+    :class:`CheckpointError` says what does not fit. Returns the model in eval mode on ``device``,
+    with gradients off.
+    """
+    state = load_state_dict(checkpoint_path)
+    relevant = {k: v for k, v in state.items() if k.startswith(prefixes) and not k.startswith(ignored)}
+    # Built on the meta device: no time wasted on a random init that the strict load overwrites.
+    with torch.device("meta"):
+        model = build(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in relevant]
+    mismatched = [
+        f"{k}: checkpoint {tuple(relevant[k].shape)} vs model {shape}"
+        for k, shape in expected.items()
+        if k in relevant and tuple(relevant[k].shape) != shape
+    ]
+    unexpected = [k for k in relevant if k not in expected]
+    if missing or mismatched or unexpected:
+        problems = [
+            f"no {prefix}* keys at all"
+            for prefix in prefixes
+            if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in relevant)
+        ]
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches: {_summarise(mismatched)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(checkpoint_path)} does not fit model {config.name!r} "
+            f"(loading its {part}; checkpoint looks like {_describe(state)}; model is f{config.downsample_factor}, "
+            f"{config.quantizer} quantizer with {config.n_embed} codes): " + "; ".join(problems)
+        )
+    model.to_empty(device="cpu")
+    model.load_state_dict(relevant, strict=True)
+    model.requires_grad_(False)
+    return model.to(device).eval()
 
 
 def load_encoder(
@@ -228,50 +297,31 @@ def load_encoder(
     may be left over (e.g. a ``quantize.used`` remap table, which would change what codes mean);
     otherwise a :class:`CheckpointError` lists what does not fit.
     """
-    state = load_state_dict(checkpoint_path)
-    relevant = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
-    # Built on the meta device: no time wasted on a random init that the strict load overwrites.
-    with torch.device("meta"):
-        model = VQGANEncoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in relevant]
-    mismatched = [
-        f"{k}: checkpoint {tuple(relevant[k].shape)} vs model {shape}"
-        for k, shape in expected.items()
-        if k in relevant and tuple(relevant[k].shape) != shape
-    ]
-    unexpected = [k for k in relevant if k not in expected]
-    if missing or mismatched or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches: {_summarise(mismatched)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
-        raise CheckpointError(
-            f"checkpoint {os.fspath(checkpoint_path)} does not fit model {config.name!r} "
-            f"(checkpoint looks like {_describe(relevant)}; model is f{config.downsample_factor}, "
-            f"{config.quantizer} quantizer with {config.n_embed} codes): " + "; ".join(problems)
-        )
-    model.to_empty(device="cpu")
-    model.load_state_dict(relevant, strict=True)
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    return _load_part(VQGANEncoder, "encoder", config, checkpoint_path, device, ENCODER_PREFIXES)
 
 
-def _representative_extra_keys(config: VQGANConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A few non-encoder tensors a real VQGAN checkpoint has, which loading must ignore."""
-    top = config.ch * config.ch_mult[-1]
+def load_decoder(
+    config: VQGANConfig,
+    checkpoint_path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+) -> VQGANDecoder:
+    """Build the decoder for ``config`` and fill it from a checkpoint, in eval mode on ``device``.
+
+    Reads the codebook (``quantize.embed.weight`` for Gumbel models, ``quantize.embedding.weight``
+    for VQ models), ``post_quant_conv.*`` and ``decoder.*``; encoder, ``quant_conv``, the Gumbel
+    logits head ``quantize.proj.*`` and loss/discriminator weights are ignored. The checks are
+    :func:`load_encoder`'s: every decoder key present with the right shape, no unknown
+    ``quantize.``/``post_quant_conv.``/``decoder.`` key left over (e.g. a ``quantize.used`` remap
+    table), else a :class:`CheckpointError` listing what does not fit.
+    """
+    return _load_part(
+        VQGANDecoder, "decoder", config, checkpoint_path, device, DECODER_PREFIXES, ignored=_ENCODER_ONLY_PREFIXES
+    )
+
+
+def _loss_keys(config: VQGANConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A few loss/discriminator tensors a real VQGAN checkpoint has, which loading must ignore."""
     shapes: dict[str, tuple[int, ...]] = {
-        "post_quant_conv.weight": (config.z_channels, config.embed_dim, 1, 1),
-        "post_quant_conv.bias": (config.z_channels,),
-        "decoder.conv_in.weight": (top, config.z_channels, 3, 3),
-        "decoder.conv_in.bias": (top,),
-        "decoder.norm_out.weight": (config.ch * config.ch_mult[0],),
-        "decoder.norm_out.bias": (config.ch * config.ch_mult[0],),
-        "decoder.conv_out.weight": (config.in_channels, config.ch * config.ch_mult[0], 3, 3),
-        "decoder.conv_out.bias": (config.in_channels,),
         "loss.logvar": (),
         "loss.discriminator.main.0.weight": (64, config.in_channels, 4, 4),
         "loss.discriminator.main.0.bias": (64,),
@@ -282,15 +332,26 @@ def _representative_extra_keys(config: VQGANConfig, gen: torch.Generator) -> dic
 def save_random_checkpoint(config: VQGANConfig, path: str | os.PathLike[str], seed: int = 0) -> str:
     """Write a Lightning-format checkpoint with seeded *random* weights for ``config``; return ``path``.
 
-    The file has the real layout (``state_dict`` with encoder, ``post_quant_conv``, some decoder and
-    loss keys; ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``callbacks``) and a
-    top-level ``laion_vq_note`` saying the weights are random. Local paths are written atomically
-    (temp file + ``os.replace``); fsspec URLs are uploaded from a local temp file.
+    The file has the real layout (``state_dict`` with the full encoder, ``quant_conv``, quantizer,
+    ``post_quant_conv`` and decoder, plus a few loss keys; ``epoch``, ``global_step``,
+    ``pytorch-lightning_version``, ``callbacks``) and a top-level ``laion_vq_note`` saying the weights
+    are random, so both :func:`load_encoder` and :func:`load_decoder` accept it. The encoder is
+    ``torch.manual_seed(seed); VQGANEncoder(config)``, the decoder ``torch.manual_seed(seed);
+    VQGANDecoder(config)`` with the encoder's codebook (one codebook, as in a trained model); the
+    caller's global RNG state is left as it was. Local paths are written atomically (temp file +
+    ``os.replace``); fsspec URLs are uploaded from a local temp file.
     """
-    torch.manual_seed(seed)
-    model = VQGANEncoder(config)
-    state_dict: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state_dict.update(_representative_extra_keys(config, torch.Generator().manual_seed(seed + 1)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = VQGANEncoder(config)
+        torch.manual_seed(seed)
+        decoder = VQGANDecoder(config)
+    codebook = encoder.quantize.embed if config.quantizer == "gumbel" else encoder.quantize.embedding
+    with torch.no_grad():
+        decoder.quantize.weight.copy_(codebook.weight)
+    state_dict: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    state_dict.update({k: v.detach().clone() for k, v in decoder.state_dict().items()})
+    state_dict.update(_loss_keys(config, torch.Generator().manual_seed(seed + 1)))
     ckpt = {
         "epoch": 0,
         "global_step": 0,
