@@ -77,7 +77,9 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     device: str = settings.DEVICE.default  # type: ignore[assignment]
     batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
     dtype: str = settings.ENCODE_DTYPE.default  # type: ignore[assignment]
+    preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
     _loaded: Any = PrivateAttr(default=None)
+    _decoder: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
         from laion_vq.vqgan import get_model_config
@@ -103,6 +105,14 @@ class VQGANEncoderResource(dg.ConfigurableResource):
 
             self._loaded = load_encoder(self.vqgan_config(), _absolute(self.checkpoint), device=self.resolved_device())
         return self._loaded
+
+    def load_decoder(self):
+        """The decoder from the same checkpoint, for reconstructions in previews (loaded on first use)."""
+        if self._decoder is None:
+            from laion_vq.vqgan import load_decoder
+
+            self._decoder = load_decoder(self.vqgan_config(), _absolute(self.checkpoint), device=self.resolved_device())
+        return self._decoder
 
     def torch_dtype(self):
         import torch
@@ -132,5 +142,6 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             device=_from_env(settings.DEVICE),
             batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
             dtype=_from_env(settings.ENCODE_DTYPE),
+            preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
         ),
     }

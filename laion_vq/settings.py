@@ -48,6 +48,9 @@ CHECKPOINT = Setting("LAION_VQ_CHECKPOINT", None, "path or URI of the model's ch
 DEVICE = Setting("LAION_VQ_DEVICE", "auto", "encoder device: auto (cuda if available), cpu, cuda, cuda:1 …")
 ENCODE_BATCH_SIZE = Setting("LAION_VQ_ENCODE_BATCH_SIZE", 64, "images per encoder forward pass")
 ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CUDA: fp32, bf16 or fp16")
+PREVIEW_SAMPLES = Setting(
+    "LAION_VQ_PREVIEW_SAMPLES", 4, "images shown beside their reconstructions per encoder run (0: none)"
+)
 DOWNLOAD_THREADS = Setting("LAION_VQ_DOWNLOAD_THREADS", 64, "img2dataset download threads per shard")
 DOWNLOAD_TIMEOUT = Setting("LAION_VQ_DOWNLOAD_TIMEOUT", 10, "seconds per image request")
 DOWNLOAD_RETRIES = Setting("LAION_VQ_DOWNLOAD_RETRIES", 0, "retries per failed image request")
@@ -68,6 +71,7 @@ ALL_SETTINGS = (
     DEVICE,
     ENCODE_BATCH_SIZE,
     ENCODE_DTYPE,
+    PREVIEW_SAMPLES,
     DOWNLOAD_THREADS,
     DOWNLOAD_TIMEOUT,
     DOWNLOAD_RETRIES,

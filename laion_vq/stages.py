@@ -146,6 +146,9 @@ class CodeShardResult:
     encode_seconds: float
     distinct_codes: int
     code_usage: np.ndarray | None = field(default=None, repr=False)
+    #: the first `keep_samples` encoded images and their codes, for previews
+    sample_images: np.ndarray | None = field(default=None, repr=False)
+    sample_codes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -193,6 +196,7 @@ def encode_code_shard(
     batch_size: int = 64,
     provenance: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    keep_samples: int = 0,
 ) -> CodeShardResult:
     """Encode every downloaded image of the shard and publish `codes/<model>/NNNNN.parquet`.
 
@@ -208,6 +212,7 @@ def encode_code_shard(
 
     keys: list[str] = []
     codes: list[np.ndarray] = []
+    samples: list[np.ndarray] = []
     undecodable: Counter[str] = Counter()
     undecodable_keys: list[str] = []
     tar_keys: set[str] = set()
@@ -231,6 +236,8 @@ def encode_code_shard(
                 raise RuntimeError(f"encoder returned shape {out.shape}, expected {(len(batch_keys), grid, grid)}")
             keys.extend(batch_keys)
             codes.append(out)
+            if len(samples) < keep_samples:
+                samples.extend(batch[: keep_samples - len(samples)])
         pending.clear()
         if progress is not None:
             progress(f"shard {shard_id:05d}: {len(keys)} encoded, {sum(undecodable.values())} undecodable")
@@ -285,6 +292,8 @@ def encode_code_shard(
         encode_seconds=encode_seconds,
         distinct_codes=report.distinct_codes,
         code_usage=report.usage,
+        sample_images=np.stack(samples) if samples else None,
+        sample_codes=all_codes[: len(samples)] if samples else None,
     )
 
 

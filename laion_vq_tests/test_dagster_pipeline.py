@@ -107,6 +107,10 @@ def _assert_pipeline_outputs(instance, layout, urls):
             assert row["url"] in urls[shard] and row["caption"].startswith("a photo")
         status = pq.read_table(layout.image_status(shard))
         assert status.num_rows == SAMPLES
+        # pictures users look at: a code-usage histogram per shard, reconstructions for a run's first shard
+        assert c["code_usage"].startswith("![code usage](data:image/png;base64,")
+    assert codes["00000"]["samples_vs_reconstructions"].startswith("![originals (top), reconstructions](data:image/png")
+    assert "samples_vs_reconstructions" not in codes["00001"]
 
 
 def test_two_shards_in_one_run_ephemeral_instance(pipeline):

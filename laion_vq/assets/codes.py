@@ -13,6 +13,7 @@ from laion_vq import settings
 from laion_vq.assets._runs import for_each_shard, throttled
 from laion_vq.assets.images import image_tars
 from laion_vq.partitions import shard_partitions
+from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
 from laion_vq.resources import StorageResource, VQGANEncoderResource
 from laion_vq.stages import CodeShardResult, encode_code_shard
 
@@ -31,7 +32,7 @@ GPU_TAGS = {
 
 
 def _metadata(result: CodeShardResult) -> dict:
-    meta = {
+    meta: dict = {
         "path": dg.MetadataValue.path(result.path),
         "dagster/row_count": result.encoded,
         "status_rows": result.status_rows,
@@ -49,7 +50,22 @@ def _metadata(result: CodeShardResult) -> dict:
     if result.code_usage is not None and result.code_usage.sum():
         top = np.argsort(result.code_usage)[::-1][:10]
         meta["top_codes"] = dg.MetadataValue.json({int(c): int(result.code_usage[c]) for c in top})
+        meta["code_usage"] = dg.MetadataValue.md(png_markdown(code_usage_png(result.code_usage), "code usage"))
     return meta
+
+
+def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, result: CodeShardResult) -> dict:
+    """Samples beside their reconstructions (decoded from the stored codes), for the first shard of a run:
+    a few images per run are enough to spot a wrong checkpoint, and keep the event log small."""
+    if result.sample_images is None or result.sample_codes is None:
+        return {}
+    try:
+        recon = encoder.load_decoder().decode_codes(result.sample_codes)
+    except Exception as err:  # noqa: BLE001 - previews must never fail an encode
+        context.log.warning(f"no reconstructions in the preview: {type(err).__name__}: {err}")
+        return {}
+    png = samples_vs_reconstructions_png(result.sample_images, recon)
+    return {"samples_vs_reconstructions": dg.MetadataValue.md(png_markdown(png, "originals (top), reconstructions"))}
 
 
 @dg.asset(
@@ -80,8 +96,11 @@ def code_parquets(
     def encode(batch: np.ndarray) -> np.ndarray:
         return model.encode_uint8(batch, batch_size=encoder.batch_size, dtype=dtype)
 
+    previewed: list[int] = []
+
     def work(shard: int) -> CodeShardResult:
-        return encode_code_shard(
+        keep = encoder.preview_samples if not previewed else 0
+        result = encode_code_shard(
             layout,
             shard,
             model_name=encoder.model,
@@ -92,8 +111,18 @@ def code_parquets(
             batch_size=encoder.batch_size,
             provenance=provenance,
             progress=throttled(context.log.info),
+            keep_samples=keep,
         )
+        if keep and result.sample_images is not None:
+            previewed.append(shard)
+        return result
 
-    results = for_each_shard(context, work, _metadata)
+    def metadata(result: CodeShardResult) -> dict:
+        meta = _metadata(result)
+        if previewed and previewed[0] == result.shard_id:
+            meta.update(_preview(context, encoder, result))
+        return meta
+
+    results = for_each_shard(context, work, metadata)
     encoded = sum(r.encoded for r in results)
     context.log.info(f"encoded {encoded} images in {time.perf_counter() - started:.1f}s")
