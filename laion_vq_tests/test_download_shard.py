@@ -21,19 +21,9 @@ from PIL import Image
 
 from laion_vq.download import DownloadOptions, ShardDownloadResult, download_shard, expected_key
 from laion_vq.fixtures.image_server import BROKEN_KINDS, ImageServer
+from laion_vq.shards.schema import LAION_SCHEMA
 
-LAION_TEST_SCHEMA = pa.schema(
-    [
-        pa.field("SAMPLE_ID", pa.int64()),
-        pa.field("URL", pa.string()),
-        pa.field("TEXT", pa.string()),
-        pa.field("HEIGHT", pa.int32()),
-        pa.field("WIDTH", pa.int64()),
-        pa.field("LICENSE", pa.string()),
-        pa.field("NSFW", pa.string()),
-        pa.field("similarity", pa.float64()),
-    ]
-)
+LAION_TEST_SCHEMA = LAION_SCHEMA
 FAST = DownloadOptions(timeout=1, thread_count=8)
 SHARD = 3
 PHOTOS = ImageServer.photo_paths()
@@ -167,7 +157,7 @@ def test_status_parquet_carries_laion_columns(
             assert got[col] == row[col], col
     schema = pq.read_schema(mixed[1].parquet_path)
     assert schema.field("SAMPLE_ID").type == pa.int64()
-    assert schema.field("HEIGHT").type == pa.int32()
+    assert schema.field("HEIGHT").type == LAION_SCHEMA.field("HEIGHT").type
     assert schema.field("similarity").type == pa.float64()
     assert "sha256" in schema.names and "URL" not in schema.names and "TEXT" not in schema.names
 

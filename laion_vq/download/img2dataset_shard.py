@@ -34,6 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
+
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
 # by img2dataset.logger but never initialised by this module. Keep both offline and quiet.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -207,9 +209,9 @@ def download_shard(
     *,
     samples_per_shard: int,
     shard_digits: int = 5,
-    url_col: str = "URL",
-    caption_col: str = "TEXT",
-    additional_columns: Sequence[str] = ("SAMPLE_ID", "LICENSE", "NSFW", "similarity", "HEIGHT", "WIDTH"),
+    url_col: str = URL_COLUMN,
+    caption_col: str = CAPTION_COLUMN,
+    additional_columns: Sequence[str] = EXTRA_COLUMNS,
     options: DownloadOptions = DownloadOptions(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> ShardDownloadResult:
     """Download shard `shard_id` (its metadata rows, in order) into `output_dir` as img2dataset would.
