@@ -27,6 +27,8 @@ for name in ["raw_metadata_shards", "image_tars", "code_parquets"]:
     out[name] = {"n": len(keys), "first": keys[0], "last": keys[-1], "pool": a.op.pool,
                  "bp": [bp.policy_type.value, bp.max_partitions_per_run], "tags": dict(a.op.tags)}
 out["jobs"] = {j: dict(defs.resolve_job_def(j).tags) for j in ["encode_shards", "download_shards"]}
+sched = defs.resolve_schedule_def("nightly_shard_audit")
+out["schedule"] = [sched.cron_schedule, sched.job_name, sched.default_status.value]
 print("PROBE" + json.dumps(out))
 """
 
@@ -54,6 +56,7 @@ def test_defaults_give_10000_shard_partitions_and_separate_run_granularity():
     assert ecs["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
     assert info["jobs"]["encode_shards"]["laion_vq/accelerator"] == "gpu"
     assert "laion_vq/accelerator" not in info["jobs"]["download_shards"]
+    assert info["schedule"] == ["0 4 * * *", "audit_shards", "STOPPED"]
 
 
 def test_settings_come_from_the_environment():
