@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 
+if TYPE_CHECKING:
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-def nightly_audit(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+
+def nightly_audit(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
     """Re-prove every image tar and code parquet at 04:00, so corruption on storage is found, not met."""
     return dg.ScheduleDefinition(
         name="nightly_shard_audit",
