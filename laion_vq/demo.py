@@ -14,8 +14,11 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The demo prints its own summary; the console shows the run's INFO lines (progress), not DEBUG events.
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # beta notices and the pipeline job's "varying backfill policies" note are for developers, not here
+    warnings.filterwarnings("ignore", category=UserWarning, module="dagster")
+    warnings.filterwarnings("ignore", message=".*backfill_policy.*")
     workdir = os.path.abspath(args.workdir)
     dagster_home = os.path.join(workdir, "dagster_home")
     os.makedirs(dagster_home, exist_ok=True)
@@ -78,6 +84,7 @@ def run_pipeline(shards: int) -> bool:
     t0 = time.perf_counter()
     result = job.execute_in_process(
         instance=instance,
+        run_config=QUIET,
         tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
         raise_on_error=False,
     )
@@ -97,7 +104,9 @@ def run_pipeline(shards: int) -> bool:
                 print(event.message, file=sys.stderr)
         return False
 
-    check = defs.resolve_job_def("audit_shards").execute_in_process(instance=instance, raise_on_error=False)
+    check = defs.resolve_job_def("audit_shards").execute_in_process(
+        instance=instance, run_config=QUIET, raise_on_error=False
+    )
     for ev in check.get_asset_check_evaluations():
         meta = {k: v.value for k, v in ev.metadata.items()}
         print(f"check {ev.check_name}: {'PASSED' if ev.passed else 'FAILED'} "
