@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -28,20 +29,25 @@ class AuditReport:
         return self.shards_checked > 0 and not self.corrupted
 
 
-def _shard_files(directory: str, suffix: str) -> list[tuple[str, str]]:
-    """(shard key, path) for every `NNNNN<suffix>` in `directory`; other names are reported by the caller."""
+def _shard_files(directory: str, suffix: str, only: Sequence[str] | None) -> list[str]:
+    """Shard keys of every `NNNNN<suffix>` in `directory` (other names are reported by the caller), or
+    just `only` when given: those shards are audited whether or not their file exists."""
+    if only is not None:
+        return sorted(only)
     fs, path = filesystem(directory)
     if not fs.exists(path):
         return []
     found = sorted(p for p in fs.glob(path.rstrip("/") + f"/*{suffix}"))
-    return [(p.rsplit("/", 1)[-1].removesuffix(suffix), p) for p in found]
+    return [p.rsplit("/", 1)[-1].removesuffix(suffix) for p in found]
 
 
-def audit_code_shards(layout: StorageLayout, model: str, grid: int, n_embed: int) -> AuditReport:
-    """Every code parquet: shape (grid×grid int16), range [0, n_embed), keys unique/sorted/of the shard, and
-    code rows = downloaded successes − undecodable images recorded at encode time."""
+def audit_code_shards(
+    layout: StorageLayout, model: str, grid: int, n_embed: int, only: Sequence[str] | None = None
+) -> AuditReport:
+    """Every code parquet (or the shards in `only`): shape (grid×grid int16), range [0, n_embed), keys
+    unique/sorted/of the shard, and code rows = downloaded successes − undecodable images."""
     report = AuditReport()
-    for key, _ in _shard_files(layout.codes_dir(model), ".parquet"):
+    for key in _shard_files(layout.codes_dir(model), ".parquet", only):
         report.shards_checked += 1
         try:
             shard = parse_shard_key(key)
@@ -49,6 +55,9 @@ def audit_code_shards(layout: StorageLayout, model: str, grid: int, n_embed: int
             report.corrupted[key] = ["file name is not a shard key"]
             continue
         url = layout.code_shard(model, shard)
+        if not exists(url):
+            report.corrupted[key] = ["code parquet missing"]
+            continue
         try:
             table = pq.read_table(io.BytesIO(read_bytes(url)))
         except Exception as err:  # noqa: BLE001 - an unreadable file is a corrupted shard
@@ -74,14 +83,19 @@ def audit_code_shards(layout: StorageLayout, model: str, grid: int, n_embed: int
     return report
 
 
-def audit_image_shards(layout: StorageLayout, min_success_rate: float) -> AuditReport:
+def audit_image_shards(
+    layout: StorageLayout, min_success_rate: float, only: Sequence[str] | None = None
+) -> AuditReport:
     """Every downloaded shard: status parquet readable with one row per metadata row, img2dataset's stats
     agreeing with it, a tar present; success rates below `min_success_rate` are warnings (dead links
     are normal on LAION, a shard at 5% usually means a network problem worth a retry)."""
     report = AuditReport()
-    for key, _ in _shard_files(layout.images_dir(), ".parquet"):
+    for key in _shard_files(layout.images_dir(), ".parquet", only):
         report.shards_checked += 1
         problems: list[str] = []
+        if only is not None and not exists(layout.image_status(parse_shard_key(key))):
+            report.corrupted[key] = ["status parquet missing"]
+            continue
         try:
             shard = parse_shard_key(key)
             status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(shard))), columns=["key", "status"])

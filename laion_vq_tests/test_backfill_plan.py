@@ -29,12 +29,16 @@ def test_backfill_never_puts_the_encoder_in_a_download_run():
         keys = {k.to_user_string() for k in run.asset_selection}
         start, end = run.tags[ASSET_PARTITION_RANGE_START_TAG], run.tags[ASSET_PARTITION_RANGE_END_TAG]
         width = int(end) - int(start) + 1
+        checks = {k.name for k in run.asset_check_keys or []}
         if "code_parquets" in keys:
             assert keys == {"code_parquets"}, f"encoder shares a run with {keys - {'code_parquets'}}"
             encode_runs.append(width)
+            # each run proves the contract for its own shards (the check scopes itself to the run)
+            assert checks == {"code_parquets_contract"}
         else:
             assert keys == {"raw_metadata_shards", "image_tars"}
             download_runs.append(width)
+            assert checks == {"image_tars_complete"}
     # 100 shards: 25 download runs of 4 shards, 4 encoder runs of ≤ 32 shards (one model load each)
     assert sorted(download_runs) == [4] * 25
     assert sum(encode_runs) == 100 and max(encode_runs) == 32 and len(encode_runs) == 4

@@ -119,7 +119,20 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         result = _run_two_shards(defs, instance)
         assert result.success
         _assert_pipeline_outputs(instance, layout, urls)
+        # the checks ran inside the run, on that run's shards only (not all of storage)
+        in_run = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert set(in_run) == {"code_parquets_contract", "image_tars_complete"}
+        assert all(e.passed for e in in_run.values())
+        assert in_run["code_parquets_contract"].metadata["scope"].value == "this run's 2 shard(s)"
+        one = dg.materialize(
+            [code_parquets, code_parquets_contract], partition_key="00001", instance=instance,
+            resources=defs.resources,
+        )
+        scoped = {e.check_name: e for e in one.get_asset_check_evaluations()}
+        assert scoped["code_parquets_contract"].metadata["shards_checked"].value == 1
+        assert scoped["code_parquets_contract"].metadata["scope"].value == "this run's 1 shard(s)"
         evaluations = _check(defs, instance)
+        assert evaluations["code_parquets_contract"].metadata["scope"].value == "all shards on storage"
         assert all(e.passed for e in evaluations.values())
         assert evaluations["code_parquets_contract"].metadata["shards_checked"].value == 2
         assert evaluations["image_tars_complete"].metadata["rows_checked"].value == 2 * SAMPLES
