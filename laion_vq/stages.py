@@ -12,10 +12,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,8 +89,37 @@ class ImageShardResult:
         return self.successes / self.rows if self.rows else 0.0
 
 
+@contextmanager
+def _watch_scratch(scratch: str, shard_id: int, progress: Callable[[str], None] | None, every: float = 30.0):
+    """While img2dataset works (it reports nothing until the shard is done), log the growing tar's size."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def watch() -> None:
+        while not stop.wait(every):
+            tar_bytes = sum(e.stat().st_size for e in os.scandir(scratch) if e.name.endswith(".tar"))
+            elapsed = time.perf_counter() - start
+            progress(f"shard {shard_id:05d}: {tar_bytes / 1e6:.1f} MB of images after {elapsed:.0f}s")
+
+    thread = threading.Thread(target=watch, name=f"progress-{shard_id:05d}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def download_image_shard(
-    layout: StorageLayout, shard_id: int, samples_per_shard: int, options: object | None = None
+    layout: StorageLayout,
+    shard_id: int,
+    samples_per_shard: int,
+    options: object | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every: float = 30.0,
 ) -> ImageShardResult:
     """Download the shard's images with img2dataset into a scratch folder, then publish the three files.
 
@@ -99,7 +130,10 @@ def download_image_shard(
 
     rows = pq.read_table(io.BytesIO(_require(layout.metadata_shard(shard_id), "raw_metadata_shards")))
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"laion_vq_dl_{shard_id:05d}_") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"laion_vq_dl_{shard_id:05d}_") as scratch,
+        _watch_scratch(scratch, shard_id, progress, progress_every),
+    ):
         result = download_shard(
             rows,
             shard_id,

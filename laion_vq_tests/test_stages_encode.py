@@ -135,3 +135,25 @@ def test_missing_upstream_names_the_asset_to_materialize(tmp_path, tiny_encoder)
         _encode(layout, 3, tiny_encoder)
     with pytest.raises(FileNotFoundError, match="materialize raw_metadata_shards"):
         download_image_shard(layout, 3, samples_per_shard=10)
+
+
+def test_download_logs_progress_while_img2dataset_works(tmp_path, image_server):
+    """img2dataset says nothing until a shard is done; the stage reports the growing tar meanwhile."""
+    import io as _io
+
+    from laion_vq.download import DownloadOptions
+    from laion_vq.fixtures.synthetic_metadata import laion_table
+    from laion_vq.shards.storage import publish_bytes
+    from laion_vq.stages import download_image_shard
+
+    layout = StorageLayout(str(tmp_path))
+    urls = [image_server.url(p) for p in image_server.photo_paths()[:4]] + [image_server.url("/slow/0.jpg")]
+    buf = _io.BytesIO()
+    pq.write_table(laion_table(urls), buf)
+    publish_bytes(buf.getvalue(), layout.metadata_shard(0))
+    messages: list[str] = []
+    result = download_image_shard(
+        layout, 0, 10, DownloadOptions(timeout=5, thread_count=2), progress=messages.append, progress_every=0.5
+    )
+    assert result.successes == 5 and result.rows == 5  # the slow image (3 s) arrives within the 5 s timeout
+    assert messages and all(m.startswith("shard 00000: ") and "MB of images after" in m for m in messages)

@@ -45,6 +45,6 @@ def image_tars(
 
     def work(shard: int) -> ImageShardResult:
         context.log.info(f"downloading shard {shard:05d} with {options.thread_count} threads")
-        return download_image_shard(layout, shard, metadata.samples_per_shard, options)
+        return download_image_shard(layout, shard, metadata.samples_per_shard, options, progress=context.log.info)
 
     for_each_shard(context, work, _metadata)
