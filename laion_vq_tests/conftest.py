@@ -12,6 +12,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 TINY_MODEL = "vqgan_gumbel_f8_tiny"
 
 
+def _tiny_vq():
+    """The tiny f8 test config with a nearest-codebook (VectorQuantizer2) head instead of Gumbel."""
+    from dataclasses import replace
+
+    from laion_vq.vqgan import get_model_config
+
+    return replace(get_model_config(TINY_MODEL), name="tiny_vq_test", n_embed=512, quantizer="vq")
+
+
+TINY_VQ = _tiny_vq()
+
+
 @pytest.fixture(scope="session")
 def image_server():
     from laion_vq.fixtures.image_server import ImageServer

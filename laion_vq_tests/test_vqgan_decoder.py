@@ -23,19 +23,9 @@ from laion_vq.vqgan import (
 )
 from laion_vq.vqgan.reference import sample_photos
 
+from .conftest import TINY_VQ
+
 TINY = get_model_config("vqgan_gumbel_f8_tiny")
-TINY_VQ = VQGANConfig(
-    name="tiny_vq_decoder_test",
-    ch=32,
-    ch_mult=(1, 1, 2, 2),
-    num_res_blocks=1,
-    attn_resolutions=(32,),
-    z_channels=32,
-    embed_dim=32,
-    n_embed=512,
-    quantizer="vq",
-    description="test only",
-)
 
 
 class TamingDecoderReference(nn.Module):

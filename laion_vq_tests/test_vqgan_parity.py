@@ -19,18 +19,7 @@ from laion_vq.vqgan import (
 )
 from laion_vq.vqgan.reference import TamingReference, sample_photos
 
-TINY_VQ = VQGANConfig(
-    name="tiny_vq_test",
-    ch=32,
-    ch_mult=(1, 1, 2, 2),
-    num_res_blocks=1,
-    attn_resolutions=(32,),
-    z_channels=32,
-    embed_dim=32,
-    n_embed=512,
-    quantizer="vq",
-    description="test only",
-)
+from .conftest import TINY_VQ
 
 
 @pytest.fixture(scope="module")
