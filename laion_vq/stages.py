@@ -7,7 +7,6 @@ metadata, and benchmarks or scripts can call them directly.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -338,7 +337,3 @@ def _safe_decode(item: tuple[str, bytes], image_size: int) -> tuple[str, np.ndar
     except Exception as err:  # noqa: BLE001 - every decode failure is counted by its reason
         reason = re.sub(r"\s*<[^>]*>|0x[0-9a-fA-F]+", "", str(err)).strip()[:120]
         return key, None, f"{type(err).__name__}: {reason}" if reason else type(err).__name__
-
-
-def stats_json(layout: StorageLayout, shard_id: int) -> dict:
-    return json.loads(read_bytes(layout.image_stats(shard_id)))

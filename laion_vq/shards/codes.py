@@ -21,9 +21,6 @@ from laion_vq.shards.numbering import shard_key
 from laion_vq.shards.schema import CODE_DTYPE, CODES_SCHEMA
 from laion_vq.shards.storage import filesystem, publish_file
 
-#: img2dataset's status-parquet names for the columns we rename into the seed format.
-_RENAMED = {"caption": "caption", "url": "url"}
-
 
 def build_codes_table(
     keys: Sequence[str], codes: np.ndarray, meta: Mapping[str, Mapping[str, object]]

@@ -59,9 +59,6 @@ class StorageLayout:
     def code_shard(self, model: str, shard_id: int) -> str:
         return self._join("codes", model, f"{shard_key(shard_id)}.parquet")
 
-    def code_previews_dir(self, model: str) -> str:
-        return self._join("codes", model, "_previews")
-
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and in-filesystem path for a local path or URL."""
