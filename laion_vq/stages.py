@@ -26,7 +26,7 @@ from PIL import Image
 from laion_vq.shards.codes import build_codes_table, check_codes_table, write_codes_parquet
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
-from laion_vq.shards.storage import StorageLayout, exists, filesystem, publish_bytes, publish_file, read_bytes
+from laion_vq.shards.storage import StorageLayout, exists, publish_bytes, publish_file, read_bytes, size
 from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def encode_code_shard(
         "grid": grid,
         "n_embed": n_embed,
         "shard": f"{shard_id:05d}",
-        "source_tar_bytes": filesystem(tar_url)[0].size(filesystem(tar_url)[1]),
+        "source_tar_bytes": size(tar_url),
         "undecodable": dict(undecodable),
         **(provenance or {}),
     }
