@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import AttnBlock, AttnImpl, Normalize, ResnetBlock, _Level, _Mid, nonlinearity
+from .modules import AttnBlock, AttnImpl, Normalize, ResnetBlock, _Level, _Mid, nonlinearity, set_attn_impl
 from .registry import VQGANConfig, get_model_config
 
 __all__ = ["Decoder", "GumbelCodebook", "Upsample", "VQCodebook", "VQGANDecoder"]
@@ -94,9 +94,7 @@ class Decoder(nn.Module):
 
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch the attention kernel of every AttnBlock (see :class:`~laion_vq.vqgan.modules.AttnBlock`)."""
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                m.attn_impl = attn_impl
+        set_attn_impl(self, attn_impl)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

@@ -123,6 +123,13 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h_)
 
 
+def set_attn_impl(module: nn.Module, attn_impl: AttnImpl) -> None:
+    """Switch the attention kernel of every AttnBlock inside `module` (encoder or decoder)."""
+    for m in module.modules():
+        if isinstance(m, AttnBlock):
+            m.attn_impl = attn_impl
+
+
 class _Level(nn.Module):
     """One resolution level: a container so keys read ``down.{i}.block.{j}`` / ``.attn.{j}`` / ``.downsample``."""
 
@@ -196,9 +203,7 @@ class Encoder(nn.Module):
 
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch the attention kernel of every AttnBlock (see :class:`AttnBlock`)."""
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                m.attn_impl = attn_impl
+        set_attn_impl(self, attn_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
