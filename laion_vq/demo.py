@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 "LAION_VQ_ENCODE_BATCH_SIZE": os.environ.get("LAION_VQ_ENCODE_BATCH_SIZE", "8"),
             }
         )
+        if not args.metadata:  # the demo's URLs point at its loopback server, which downloads may not reach
+            os.environ["LAION_VQ_DOWNLOAD_ALLOW_NETWORKS"] = f"{server.host}/32"
         print(f"demo inputs: metadata {os.environ['LAION_VQ_METADATA']}")
         print(f"             checkpoint {checkpoint}" + ("" if args.checkpoint else "  (RANDOM weights)"))
         print(f"             images from {server.base_url} (loopback; real photos + broken URLs)")

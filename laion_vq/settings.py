@@ -27,6 +27,15 @@ class Setting:
         value = self.raw()
         return value if value is not None else (None if self.default is None else str(self.default))
 
+    def get_float(self) -> float:
+        value = self.raw()
+        if value is None:
+            return float(self.default)  # type: ignore[arg-type]
+        try:
+            return float(value)
+        except ValueError as err:
+            raise ValueError(f"{self.env} must be a number, got {value!r}") from err
+
     def get_int(self) -> int:
         value = self.raw()
         if value is None:
@@ -54,6 +63,26 @@ PREVIEW_SAMPLES = Setting(
 DOWNLOAD_THREADS = Setting("LAION_VQ_DOWNLOAD_THREADS", 64, "img2dataset download threads per shard")
 DOWNLOAD_TIMEOUT = Setting("LAION_VQ_DOWNLOAD_TIMEOUT", 10, "seconds per image request")
 DOWNLOAD_RETRIES = Setting("LAION_VQ_DOWNLOAD_RETRIES", 0, "retries per failed image request")
+DOWNLOAD_DEADLINE = Setting(
+    "LAION_VQ_DOWNLOAD_DEADLINE", 30, "seconds per image in all (connect, redirects, body), on top of the timeout"
+)
+DOWNLOAD_MAX_BYTES = Setting(
+    "LAION_VQ_DOWNLOAD_MAX_BYTES", 20_000_000, "largest image body accepted, in bytes (larger: `too large`)"
+)
+DOWNLOAD_MAX_REDIRECTS = Setting("LAION_VQ_DOWNLOAD_MAX_REDIRECTS", 3, "redirect hops followed per image")
+DOWNLOAD_ALLOW_NETWORKS = Setting(
+    "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS",
+    "",
+    "CIDRs downloads may reach although they are loopback/private/link-local (comma-separated; empty: none)",
+)
+DOWNLOAD_MIN_RATE_RATIO = Setting(
+    "LAION_VQ_DOWNLOAD_MIN_RATE_RATIO",
+    "0.5",
+    "a re-download whose success rate is below this fraction of the stored shard's is refused",
+)
+DOWNLOAD_REPLACE_WORSE = Setting(
+    "LAION_VQ_DOWNLOAD_REPLACE_WORSE", 0, "1: publish a re-download even when it is worse than the stored shard"
+)
 DOWNLOAD_SHARDS_PER_RUN = Setting(
     "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN", 4, "backfill: shards per metadata+download run"
 )
@@ -75,6 +104,12 @@ ALL_SETTINGS = (
     DOWNLOAD_THREADS,
     DOWNLOAD_TIMEOUT,
     DOWNLOAD_RETRIES,
+    DOWNLOAD_DEADLINE,
+    DOWNLOAD_MAX_BYTES,
+    DOWNLOAD_MAX_REDIRECTS,
+    DOWNLOAD_ALLOW_NETWORKS,
+    DOWNLOAD_MIN_RATE_RATIO,
+    DOWNLOAD_REPLACE_WORSE,
     DOWNLOAD_SHARDS_PER_RUN,
     ENCODE_SHARDS_PER_RUN,
 )

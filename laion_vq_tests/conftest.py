@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The loopback image server is the tests' web; downloads reach no loopback address unless allowed.
+# Tests of the address guard pass their own `allow_networks`.
+os.environ.setdefault("LAION_VQ_DOWNLOAD_ALLOW_NETWORKS", "127.0.0.1/32")
 
 TINY_MODEL = "vqgan_gumbel_f8_tiny"
 

@@ -163,30 +163,52 @@ def test_status_parquet_carries_laion_columns(
 
 
 @pytest.mark.parametrize(
-    ("path", "status_name", "message"),
+    ("path", "status_name", "reason", "message"),
     [
-        ("/missing/0.jpg", "failed_to_download", "HTTP Error 404: Not Found"),
-        ("/garbage/0.jpg", "failed_to_resize", "Image decoding error"),
-        ("/truncated/0.jpg", "failed_to_resize", "Image decoding error"),
-        ("/slow/0.jpg", "failed_to_download", "timed out"),
-        ("/huge/0.png", "failed_to_resize", "image area too large"),
-        ("/robots-noai/astronaut.jpg", "failed_to_download", NOAI_MESSAGE),
+        ("/missing/0.jpg", "failed_to_download", "404", "HTTP Error 404: Not Found"),
+        ("/garbage/0.jpg", "failed_to_resize", "not an image", "not an image: unknown format starting "),
+        ("/truncated/0.jpg", "failed_to_resize", "truncated image", "truncated image: JPEG ends without an"),
+        ("/slow/0.jpg", "failed_to_download", "timeout", "timeout: no data for 1 s"),
+        ("/huge/0.png", "failed_to_resize", "decompression bomb", "decompression bomb: 12000x12000 = 144 Mpx"),
+        ("/robots-noai/astronaut.jpg", "failed_to_download", "robots opt-out", NOAI_MESSAGE),
     ],
 )
-def test_each_failure_has_its_status_and_message(
+def test_each_failure_has_its_status_reason_and_message(
     status: dict[str, dict],
     tar_members: dict[str, dict[str, bytes]],
     mixed: tuple[pa.Table, ShardDownloadResult],
     path: str,
     status_name: str,
+    reason: str,
     message: str,
 ) -> None:
     row = status[key_of(path)]
     assert row["status"] == status_name == BROKEN_KINDS[ImageServer.broken_kind(path)]
-    assert row["error_message"] == message
-    assert row["width"] is None and row["sha256"] is None
+    assert row["error_message"].startswith(message)
+    assert row["failure_reason"] == reason
+    assert row["width"] is None and row["sha256"] is None and row["jpg_sha256"] is None
     assert key_of(path) not in tar_members  # failures are only in the parquet
-    assert mixed[1].status_counts[message] >= 1
+    assert mixed[1].status_counts[row["error_message"]] >= 1
+    assert mixed[1].failures_by_reason[reason] >= 1
+    assert row["url"] in mixed[1].failure_examples[reason]
+
+
+def test_status_parquet_is_sorted_and_hashes_the_stored_jpegs(
+    mixed: tuple[pa.Table, ShardDownloadResult], tar_members: dict[str, dict[str, bytes]]
+) -> None:
+    import hashlib
+
+    table = pq.read_table(mixed[1].parquet_path)
+    keys = table.column("key").to_pylist()
+    assert keys == sorted(keys)
+    for row in table.to_pylist():
+        if row["status"] == "success":
+            assert row["failure_reason"] is None
+            assert row["jpg_sha256"] == hashlib.sha256(tar_members[row["key"]]["jpg"]).hexdigest()
+            assert row["jpg_sha256"] != row["sha256"]  # ours hashes the stored JPEG, img2dataset's the original
+    stats = json.loads(Path(mixed[1].stats_path).read_text())
+    assert stats["laion_vq"]["failures_by_reason"] == mixed[1].failures_by_reason
+    assert sum(mixed[1].failures_by_reason.values()) == mixed[1].count - mixed[1].successes
 
 
 def test_every_success_has_jpg_txt_json(

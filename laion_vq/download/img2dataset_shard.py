@@ -6,18 +6,28 @@ shard, with errors that propagate, so we build the same Resizer / Downloader / W
 that `img2dataset.main.download()` builds and call `Downloader.download_shard` directly. Because that
 relies on internals, the img2dataset version is pinned and checked when this module is imported.
 
-Guards against hostile or huge images (there is no `max_download_bytes`): img2dataset 1.47.0 reads
-each response whole with `urllib` inside a module-level function, so a response-size cap would need
-patching img2dataset. The guards are `timeout` (per socket operation, so a server that drips bytes
-can take longer), `max_image_area` (checked on the ORIGINAL image after decoding; it rejects
-decompression bombs before any resizing), and OpenCV's own `CV_IO_MAX_IMAGE_PIXELS` decode limit
-(2**30 pixels by default).
+img2dataset stays the crawler; two seams put our guards around it:
+
+- the fetch: img2dataset 1.47.0 fetches with `urllib` in the module-level `download_image`, which
+  reaches any address, follows any redirect and reads any body whole. We install `_guarded_download_image`
+  in its place; the Downloader hands its `timeout` argument through untouched, so ours passes a
+  `FetchLimits` there and the guard (`guard.fetch`: address policy after DNS, redirect hops, byte cap,
+  deadline, robots opt-outs) does the request. A plain number still goes to img2dataset's own function,
+  so plain img2dataset in the same process (the benchmark's reference) is unchanged;
+- the resizer: `_CheckedResizer` refuses empty, non-image, truncated and bomb-sized bodies from their
+  headers (`image_checks`) before OpenCV decodes anything.
+
+After img2dataset finishes, the status parquet is sorted by key and gains `failure_reason` (the
+normalised reason, `reasons.normalise`) and `jpg_sha256` (the hash of the JPEG stored in the tar, so a
+later audit can prove the tar holds the images that were downloaded; img2dataset's `sha256` is the
+hash of the original download).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -26,6 +36,7 @@ import os
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -34,6 +45,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_vq import settings
+from laion_vq.download.guard import AddressPolicy, FetchError, FetchLimits, fetch, parse_networks
+from laion_vq.download.image_checks import check_image_bytes
+from laion_vq.download.reasons import normalise
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
@@ -113,10 +128,14 @@ def _img2dataset() -> dict[str, ModuleType]:
 class DownloadOptions:
     """How images are fetched and re-encoded; defaults are LAION-400M's (256px, border, jpg q95).
 
-    `max_image_area` is in pixels of the ORIGINAL image (checked after decoding, before resizing):
-    the guard against decompression bombs. `timeout` is seconds per socket operation. `compute_hash`
-    stores that hash of the downloaded (original) bytes in the parquet/json, as img2dataset's
-    `download()` does by default ("sha256"): it identifies the source image for dedup and provenance.
+    `max_image_area` is in pixels of the ORIGINAL image, read from its header before anything decodes
+    it: the guard against decompression bombs. `timeout` is seconds per socket operation, `deadline`
+    seconds per image in all, `max_bytes` the largest body read, `max_redirects` the hops followed.
+    Downloads reach global addresses only; `allow_networks` (CIDRs) opens exceptions, by default those
+    of `LAION_VQ_DOWNLOAD_ALLOW_NETWORKS` (tests and the demo open their loopback server that way).
+    `compute_hash` stores that hash of the downloaded (original) bytes in the parquet/json, as
+    img2dataset's `download()` does by default ("sha256"): it identifies the source image for dedup
+    and provenance.
     """
 
     image_size: int = 256
@@ -127,6 +146,12 @@ class DownloadOptions:
     encode_format: str = "jpg"
     encode_quality: int = 95
     timeout: float = 10
+    deadline: float = 30
+    max_bytes: int = 20_000_000
+    max_redirects: int = 3
+    allow_networks: tuple[str, ...] = field(
+        default_factory=lambda: tuple(settings.DOWNLOAD_ALLOW_NETWORKS.get_str().split(","))
+    )
     retries: int = 0
     thread_count: int = 32
     max_image_area: float = 100_000_000
@@ -157,8 +182,23 @@ class DownloadOptions:
             raise ValueError(f"compute_hash must be one of {_HASHES}, got {self.compute_hash!r}")
         if isinstance(self.disallowed_header_directives, str):
             raise ValueError("disallowed_header_directives must be a sequence of directives, not a string")
-        # Accept lists from callers but store a tuple so the options stay hashable.
+        # Accept lists (or a comma-separated string of CIDRs) but store tuples so the options stay hashable.
         object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
+        networks = parse_networks(self.allow_networks)  # a bad CIDR fails here, naming it
+        object.__setattr__(self, "allow_networks", tuple(str(n) for n in networks))
+        self.fetch_limits()  # validates deadline, max_bytes, max_redirects
+
+    def fetch_limits(self) -> FetchLimits:
+        """What the guard enforces for each image of a shard."""
+        return FetchLimits(
+            timeout=self.timeout,
+            deadline=self.deadline,
+            max_bytes=self.max_bytes,
+            max_redirects=self.max_redirects,
+            policy=AddressPolicy.from_cidrs(self.allow_networks),
+            user_agent_token=None if self.user_agent_token is None else self.user_agent_token.strip().lower(),
+            disallowed_directives=frozenset(d.strip().lower() for d in self.disallowed_header_directives),
+        )
 
 
 @dataclass
@@ -180,6 +220,9 @@ class ShardDownloadResult:
     status_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     bytes_tar: int = 0
+    #: normalised reason → count, most frequent first; reason → the first few failing URLs (by key)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
 
 
 def shard_name(shard_id: int, shard_digits: int = 5) -> str:
@@ -251,7 +294,7 @@ def download_shard(
             downloader = _build_downloader(output_dir, column_list, samples_per_shard, shard_digits, options)
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
-        stats = _verify_outputs(
+        stats, digests = _verify_outputs(
             tar_path,
             parquet_path,
             stats_path,
@@ -261,6 +304,7 @@ def download_shard(
             shard_digits,
             options.encode_format,
         )
+        failures_by_reason, failure_examples = _annotate_status(parquet_path, stats_path, digests)
     except BaseException:
         _remove(outputs)
         raise
@@ -277,6 +321,8 @@ def download_shard(
         status_counts={str(k): int(v) for k, v in stats["status_dict"].items()},
         seconds=time.perf_counter() - started,
         bytes_tar=os.path.getsize(tar_path),
+        failures_by_reason=failures_by_reason,
+        failure_examples=failure_examples,
     )
 
 
@@ -368,6 +414,7 @@ def _build_downloader(
 ) -> Any:
     """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`."""
     mods = _img2dataset()
+    _install_guarded_fetch()
     resizer = mods["resizer"].Resizer(
         image_size=options.image_size,
         resize_mode=options.resize_mode,
@@ -386,13 +433,13 @@ def _build_downloader(
     directives = list(options.disallowed_header_directives) or None  # download(): [] means "honour none"
     return mods["downloader"].Downloader(
         sample_writer_class=mods["writer"].WebDatasetSampleWriter,
-        resizer=resizer,
+        resizer=_CheckedResizer(resizer, options.max_image_area),
         thread_count=options.thread_count,
         save_caption=True,
         extract_exif=options.extract_exif,
         output_folder=output_dir,
         column_list=column_list,
-        timeout=options.timeout,
+        timeout=options.fetch_limits(),  # handed through to `_guarded_download_image`
         number_sample_per_shard=samples_per_shard,
         oom_shard_count=shard_digits,
         compute_hash=options.compute_hash,
@@ -405,6 +452,42 @@ def _build_downloader(
     )
 
 
+@functools.cache
+def _install_guarded_fetch() -> None:
+    """Put `_guarded_download_image` where img2dataset's Downloader looks up its fetch function."""
+    downloader = _img2dataset()["downloader"]
+    if getattr(downloader.download_image, "__wrapped__", None) is None:
+        original = downloader.download_image
+
+        @functools.wraps(original)
+        def _guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives):  # type: ignore[no-untyped-def]
+            if not isinstance(timeout, FetchLimits):  # plain img2dataset use: leave it as it was
+                return original(row, timeout, user_agent_token, disallowed_header_directives)
+            key, url = row
+            try:
+                return key, io.BytesIO(fetch(url, timeout)), None
+            except FetchError as err:
+                return key, None, str(err)
+            except Exception as err:  # noqa: BLE001 - img2dataset's contract: the error as a message
+                return key, None, f"{type(err).__name__}: {err}"
+
+        downloader.download_image = _guarded_download_image
+
+
+class _CheckedResizer:
+    """img2dataset's Resizer behind `check_image_bytes`: a body that is empty, not an image, truncated
+    or bomb-sized is refused from its header, before OpenCV decodes it (same return shape as Resizer)."""
+
+    def __init__(self, resizer: Any, max_pixels: float) -> None:
+        self.resizer, self.max_pixels = resizer, max_pixels
+
+    def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        problem = check_image_bytes(img_stream.getvalue(), self.max_pixels)
+        if problem is not None:
+            return None, None, None, None, None, problem
+        return self.resizer(img_stream, blurring_bbox_list)
+
+
 def _verify_outputs(
     tar_path: str,
     parquet_path: str,
@@ -414,7 +497,7 @@ def _verify_outputs(
     samples_per_shard: int,
     shard_digits: int,
     encode_format: str,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Check the three outputs account for every input row; img2dataset skips a sample whose
     handling raised (it only prints), which would otherwise look like a complete shard."""
     missing = [p for p in (tar_path, parquet_path, stats_path) if not os.path.isfile(p)]
@@ -450,16 +533,57 @@ def _verify_outputs(
         raise RuntimeError(
             f"shard {shard_id}: parquet has {parquet_successes} successes, stats say {stats['successes']}"
         )
+    digests = _image_digests(tar_path, shard_id, encode_format)
+    success_keys = {k for k, st in zip(keys, statuses, strict=True) if st == "success"}
+    if set(digests) != success_keys:
+        raise RuntimeError(
+            f"shard {shard_id}: tar holds {len(digests)} images, the parquet {len(success_keys)} successes "
+            f"({len(set(digests) ^ success_keys)} keys differ)"
+        )
+    return stats, digests
+
+
+def _image_digests(tar_path: str, shard_id: int, encode_format: str) -> dict[str, str]:
+    """key → sha256 of each stored image's bytes, read back from the tar img2dataset wrote."""
+    suffix = f".{encode_format}"
+    digests: dict[str, str] = {}
     try:
         with tarfile.open(tar_path, "r:") as tar:
-            images = sum(1 for m in tar if m.isfile() and m.name.endswith(f".{encode_format}"))
+            for member in tar:
+                if member.isfile() and member.name.endswith(suffix):
+                    with tar.extractfile(member) as f:  # type: ignore[union-attr]
+                        digests[member.name.removesuffix(suffix)] = hashlib.sha256(f.read()).hexdigest()
     except tarfile.TarError as err:
         raise RuntimeError(f"shard {shard_id}: {tar_path} is not a readable tar: {err}") from err
-    if images != stats["successes"]:
-        raise RuntimeError(
-            f"shard {shard_id}: tar holds {images} images, stats say {stats['successes']} successes"
-        )
-    return stats
+    return digests
+
+
+def _annotate_status(
+    parquet_path: str, stats_path: str, digests: dict[str, str], examples_per_reason: int = 3
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Sort the status parquet by key and add `failure_reason` and `jpg_sha256`; record the reason
+    counts and the first failing URLs per reason in the stats json (key `laion_vq`)."""
+    table = pq.read_table(parquet_path).sort_by("key")
+    messages = table.column("error_message").to_pylist()
+    statuses = table.column("status").to_pylist()
+    reasons = [None if st == "success" else normalise(m) or st for st, m in zip(statuses, messages, strict=True)]
+    keys = table.column("key").to_pylist()
+    table = table.append_column("failure_reason", pa.array(reasons, pa.string()))
+    table = table.append_column("jpg_sha256", pa.array([digests.get(k) for k in keys], pa.string()))
+    pq.write_table(table, parquet_path)
+
+    counts = Counter(r for r in reasons if r is not None)
+    by_reason = dict(counts.most_common())
+    examples: dict[str, list[str]] = {}
+    for reason, url in zip(reasons, table.column("url").to_pylist(), strict=True):
+        if reason is not None and len(examples.setdefault(reason, [])) < examples_per_reason:
+            examples[reason].append(url)
+    with open(stats_path, encoding="utf-8") as f:
+        stats = json.load(f)
+    stats["laion_vq"] = {"failures_by_reason": by_reason, "failure_examples": examples}
+    with open(stats_path, "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    return by_reason, examples
 
 
 @functools.cache

@@ -1,0 +1,95 @@
+"""Is a downloaded body a whole image of a sane size? Cheap checks before anything decodes it.
+
+img2dataset hands every body to OpenCV, which decodes first and asks questions later: a 30,000×30,000
+PNG (a few hundred KB on the wire) becomes 900 MB of pixels before `max_image_area` rejects it, and a
+JPEG cut short (or cut short and zero-filled) decodes "successfully" into a grey-bottomed picture. These
+checks read only magic bytes, the image header (PIL parses it lazily) and the end markers, so they cost
+microseconds and refuse:
+
+- empty bodies and bodies that are not an image format (HTML or text served as `.jpg`);
+- images whose header promises more than `max_pixels` pixels (decompression bombs), before decoding;
+- truncated files: a JPEG without an end-of-image marker after its last scan, a PNG without `IEND`,
+  a WebP shorter than its RIFF header says.
+
+Each refusal is a message that starts with its reason (`reasons.normalise` maps it to a label).
+No img2dataset here.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format its magic bytes announce (`jpeg`, `png`, `gif`, `webp`, `bmp`, `tiff`), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _describe_non_image(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "looks like HTML"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:1024].lower()):
+        return "SVG (a vector format, not supported)"
+    if head.startswith((b"{", b"[")):
+        return "looks like JSON"
+    return f"unknown format starting {data[:8].hex()}"
+
+
+def _truncation(data: bytes, fmt: str) -> str | None:
+    if fmt == "jpeg":
+        # Entropy-coded data never holds FF DA or FF D9 (FF is stuffed as FF 00), so the last scan
+        # header must be followed by an end-of-image marker; one inside an EXIF thumbnail comes earlier.
+        last_scan = data.rfind(b"\xff\xda")
+        if last_scan < 0:
+            return "JPEG has no scan data"
+        if data.find(b"\xff\xd9", last_scan) < 0:
+            return "JPEG ends without an end-of-image marker"
+    elif fmt == "png":
+        if data.rfind(b"IEND") < 0:
+            return "PNG ends without its IEND chunk"
+    elif fmt == "webp":
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if len(data) < declared:
+            return f"WebP holds {len(data)} of the {declared} bytes its header declares"
+    return None
+
+
+def check_image_bytes(data: bytes, max_pixels: float) -> str | None:
+    """None when `data` looks like a whole image of at most `max_pixels` pixels, else why not."""
+    if not data:
+        return "empty body: 0 bytes"
+    fmt = sniff_format(data)
+    if fmt is None:
+        return f"not an image: {_describe_non_image(data)}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # parses the header only
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        return f"decompression bomb: {err}"
+    except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is an image we cannot trust
+        return f"undecodable image: {fmt} header: {str(err)[:100]}"
+    if width * height > max_pixels:
+        return (
+            f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx "
+            f"> {max_pixels / 1e6:.0f} Mpx allowed"
+        )
+    truncated = _truncation(data, fmt)
+    return f"truncated image: {truncated}" if truncated else None
