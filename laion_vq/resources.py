@@ -47,11 +47,22 @@ class LaionMetadataResource(dg.ConfigurableResource):
 
 
 class DownloaderResource(dg.ConfigurableResource):
-    """img2dataset options. Image size, resize mode and quality are LAION-400M's."""
+    """img2dataset options and the guards around it. Image size, resize mode and quality are LAION-400M's.
+
+    `allow_networks` (CIDRs) lets downloads reach addresses the guard otherwise refuses (loopback,
+    private, link-local); `replace_worse` publishes a re-download even when it is much worse than the
+    stored shard (`min_rate_ratio`), for the day the web really lost those images.
+    """
 
     thread_count: int = settings.DOWNLOAD_THREADS.default  # type: ignore[assignment]
     timeout: int = settings.DOWNLOAD_TIMEOUT.default  # type: ignore[assignment]
     retries: int = settings.DOWNLOAD_RETRIES.default  # type: ignore[assignment]
+    deadline: int = settings.DOWNLOAD_DEADLINE.default  # type: ignore[assignment]
+    max_bytes: int = settings.DOWNLOAD_MAX_BYTES.default  # type: ignore[assignment]
+    max_redirects: int = settings.DOWNLOAD_MAX_REDIRECTS.default  # type: ignore[assignment]
+    allow_networks: str = settings.DOWNLOAD_ALLOW_NETWORKS.default  # type: ignore[assignment]
+    min_rate_ratio: float = float(settings.DOWNLOAD_MIN_RATE_RATIO.default)  # type: ignore[arg-type]
+    replace_worse: bool = False
     image_size: int = settings.IMAGE_SIZE
     resize_mode: str = settings.RESIZE_MODE
     encode_quality: int = settings.ENCODE_QUALITY
@@ -64,6 +75,10 @@ class DownloaderResource(dg.ConfigurableResource):
             resize_mode=self.resize_mode,
             encode_quality=self.encode_quality,
             timeout=self.timeout,
+            deadline=self.deadline,
+            max_bytes=self.max_bytes,
+            max_redirects=self.max_redirects,
+            allow_networks=tuple(self.allow_networks.split(",")),
             retries=self.retries,
             thread_count=self.thread_count,
         )
@@ -135,6 +150,12 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             thread_count=_from_env(settings.DOWNLOAD_THREADS, as_int=True),
             timeout=_from_env(settings.DOWNLOAD_TIMEOUT, as_int=True),
             retries=_from_env(settings.DOWNLOAD_RETRIES, as_int=True),
+            deadline=_from_env(settings.DOWNLOAD_DEADLINE, as_int=True),
+            max_bytes=_from_env(settings.DOWNLOAD_MAX_BYTES, as_int=True),
+            max_redirects=_from_env(settings.DOWNLOAD_MAX_REDIRECTS, as_int=True),
+            allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS),
+            min_rate_ratio=settings.DOWNLOAD_MIN_RATE_RATIO.get_float(),
+            replace_worse=bool(settings.DOWNLOAD_REPLACE_WORSE.get_int()),
         ),
         "encoder": VQGANEncoderResource(
             model=_from_env(settings.MODEL),

@@ -7,6 +7,7 @@ metadata, and benchmarks or scripts can call them directly.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from laion_vq import settings
 from laion_vq.shards.codes import build_codes_table, check_codes_table, write_codes_parquet
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
@@ -82,10 +84,50 @@ class ImageShardResult:
     failures_by_reason: dict[str, int]
     bytes_tar: int
     seconds: float
+    #: reason → the first few failing URLs (by key), for a person to try in a browser
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    #: the success rate of the shard this download replaced (None: there was none)
+    previous_success_rate: float | None = None
 
     @property
     def success_rate(self) -> float:
         return self.successes / self.rows if self.rows else 0.0
+
+
+class WorseDownloadError(RuntimeError):
+    """A re-download that would replace a good stored shard with a much worse one (kept out)."""
+
+
+def _stored_success_rate(layout: StorageLayout, shard_id: int) -> tuple[int, int] | None:
+    """(successes, rows) of the shard already on storage, from its stats json; None if there is none."""
+    url = layout.image_stats(shard_id)
+    if not exists(url):
+        return None
+    try:
+        stats = json.loads(read_bytes(url))
+        return int(stats["successes"]), int(stats["count"])
+    except (ValueError, KeyError, TypeError):
+        return None  # an unreadable record protects nothing; the audit reports it
+
+
+def refuse_worse_download(
+    shard_id: int, previous: tuple[int, int] | None, result: ImageShardResult, min_rate_ratio: float
+) -> None:
+    """Raise WorseDownloadError when `result` would replace a stored shard that had successes with one
+    that has none, or whose success rate is below `min_rate_ratio` × the stored one (a dead network,
+    a blocked crawler, an outage at the image host: not a web that lost its images overnight)."""
+    if previous is None or previous[0] == 0 or previous[1] == 0:
+        return
+    before = previous[0] / previous[1]
+    if result.successes > 0 and result.success_rate >= min_rate_ratio * before:
+        return
+    causes = ", ".join(f"{reason} ×{n}" for reason, n in list(result.failures_by_reason.items())[:3])
+    raise WorseDownloadError(
+        f"shard {shard_id:05d}: the re-download got {result.successes}/{result.rows} images "
+        f"({result.success_rate:.0%}) where the stored shard has {previous[0]}/{previous[1]} ({before:.0%}); "
+        f"main failures now: {causes or 'none'}. The stored shard is kept. If the images are really gone, "
+        f"re-run with {settings.DOWNLOAD_REPLACE_WORSE.env}=1 (or the downloader resource's replace_worse)."
+    )
 
 
 @contextmanager
@@ -119,11 +161,15 @@ def download_image_shard(
     options: object | None = None,
     progress: Callable[[str], None] | None = None,
     progress_every: float = 30.0,
+    min_rate_ratio: float = 0.5,
+    replace_worse: bool = False,
 ) -> ImageShardResult:
     """Download the shard's images with img2dataset into a scratch folder, then publish the three files.
 
-    Publishing order is tar, status parquet, stats json; the encoder cross-checks tar keys against the
-    status parquet, so a crash between two publishes of a re-run is caught there, not encoded.
+    A re-download much worse than the stored shard (`refuse_worse_download`) publishes nothing and
+    raises, unless `replace_worse`. Publishing order is tar, status parquet, stats json; the encoder
+    cross-checks tar keys against the status parquet, so a crash between two publishes of a re-run is
+    caught there, not encoded.
     """
     from laion_vq.download import DownloadOptions, download_shard
 
@@ -143,23 +189,29 @@ def download_image_shard(
             additional_columns=EXTRA_COLUMNS,
             options=options or DownloadOptions(),
         )
-        bytes_tar = publish_file(result.tar_path, layout.image_tar(shard_id))
+        previous = _stored_success_rate(layout, shard_id)
+        summary = ImageShardResult(
+            shard_id=shard_id,
+            tar_path=layout.image_tar(shard_id),
+            status_path=layout.image_status(shard_id),
+            stats_path=layout.image_stats(shard_id),
+            rows=result.count,
+            successes=result.successes,
+            failed_to_download=result.failed_to_download,
+            failed_to_resize=result.failed_to_resize,
+            failures_by_reason=result.failures_by_reason,
+            failure_examples=result.failure_examples,
+            bytes_tar=result.bytes_tar,
+            seconds=0.0,
+            previous_success_rate=previous[0] / previous[1] if previous and previous[1] else None,
+        )
+        if not replace_worse:
+            refuse_worse_download(shard_id, previous, summary, min_rate_ratio)
+        summary.bytes_tar = publish_file(result.tar_path, layout.image_tar(shard_id))
         publish_file(result.parquet_path, layout.image_status(shard_id))
         publish_file(result.stats_path, layout.image_stats(shard_id))
-    failures = {k: v for k, v in result.status_counts.items() if k != "success"}
-    return ImageShardResult(
-        shard_id=shard_id,
-        tar_path=layout.image_tar(shard_id),
-        status_path=layout.image_status(shard_id),
-        stats_path=layout.image_stats(shard_id),
-        rows=result.count,
-        successes=result.successes,
-        failed_to_download=result.failed_to_download,
-        failed_to_resize=result.failed_to_resize,
-        failures_by_reason=dict(sorted(failures.items(), key=lambda kv: -kv[1])),
-        bytes_tar=bytes_tar,
-        seconds=time.perf_counter() - start,
-    )
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 # --------------------------------------------------------------------------- codes

@@ -19,9 +19,15 @@ def _metadata(result: ImageShardResult) -> dict:
         "failed_to_resize": result.failed_to_resize,
         "success_rate": round(result.success_rate, 4),
         "failures_by_reason": dg.MetadataValue.json(dict(list(result.failures_by_reason.items())[:20])),
+        "failure_examples": dg.MetadataValue.json(result.failure_examples),
         "tar_bytes": result.bytes_tar,
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.successes / result.seconds, 2) if result.seconds else 0.0,
+        **(
+            {"replaced_success_rate": round(result.previous_success_rate, 4)}
+            if result.previous_success_rate is not None
+            else {}
+        ),
     }
 
 
@@ -45,6 +51,14 @@ def image_tars(
 
     def work(shard: int) -> ImageShardResult:
         context.log.info(f"downloading shard {shard:05d} with {options.thread_count} threads")
-        return download_image_shard(layout, shard, metadata.samples_per_shard, options, progress=context.log.info)
+        return download_image_shard(
+            layout,
+            shard,
+            metadata.samples_per_shard,
+            options,
+            progress=context.log.info,
+            min_rate_ratio=downloader.min_rate_ratio,
+            replace_worse=downloader.replace_worse,
+        )
 
     for_each_shard(context, work, _metadata)

@@ -12,7 +12,11 @@ microseconds and refuse:
   a WebP shorter than its RIFF header says.
 
 Each refusal is a message that starts with its reason (`reasons.normalise` maps it to a label).
-No img2dataset here.
+
+Two kinds of image OpenCV (as img2dataset calls it, `IMREAD_UNCHANGED`) gets wrong without an error
+are rewritten losslessly (8-bit PNG) before it sees them: 16-bit images, which it resizes as 16-bit and
+then saturates to an all-white JPEG, and images with an EXIF orientation, which it stores sideways
+(browsers, and so LAION's captioners, saw them upright). No img2dataset here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
+
+#: EXIF tag of the orientation (1: upright; 2–8: mirrored and/or rotated)
+ORIENTATION = 0x0112
 
 _SIGNATURES = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -70,26 +78,55 @@ def _truncation(data: bytes, fmt: str) -> str | None:
     return None
 
 
-def check_image_bytes(data: bytes, max_pixels: float) -> str | None:
-    """None when `data` looks like a whole image of at most `max_pixels` pixels, else why not."""
+def _is_16_bit(image: Image.Image, data: bytes, fmt: str) -> bool:
+    if image.mode.startswith(("I;16", "I", "F")):
+        return True
+    if fmt == "png":
+        return data[24:25] == b"\x10"  # IHDR bit depth
+    if fmt == "tiff":
+        return 16 in (image.tag_v2.get(258) or ())  # type: ignore[attr-defined] - BitsPerSample
+    return False
+
+
+def _rewrite_8bit_upright(image: Image.Image, sixteen_bit: bool) -> bytes:
+    """The image as an 8-bit PNG, EXIF orientation applied: what a browser shows, losslessly."""
+    image.load()
+    if sixteen_bit and image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 256, 0, 255).astype(np.uint8))
+    image = ImageOps.exif_transpose(image) or image
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | None]:
+    """(bytes for OpenCV to decode, None) when `data` is a whole image of at most `max_pixels` pixels,
+    else (None, why not). The bytes are `data` itself, or an 8-bit upright rewrite (module docstring)."""
     if not data:
-        return "empty body: 0 bytes"
+        return None, "empty body: 0 bytes"
     fmt = sniff_format(data)
     if fmt is None:
-        return f"not an image: {_describe_non_image(data)}"
+        return None, f"not an image: {_describe_non_image(data)}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:  # parses the header only
                 width, height = image.size
+                if width * height > max_pixels:
+                    return None, (
+                        f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx "
+                        f"> {max_pixels / 1e6:.0f} Mpx allowed"
+                    )
+                truncated = _truncation(data, fmt)
+                if truncated:
+                    return None, f"truncated image: {truncated}"
+                sixteen_bit = _is_16_bit(image, data, fmt)
+                if sixteen_bit or image.getexif().get(ORIENTATION, 1) != 1:
+                    return _rewrite_8bit_upright(image, sixteen_bit), None
     except Image.DecompressionBombError as err:
-        return f"decompression bomb: {err}"
+        return None, f"decompression bomb: {err}"
     except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is an image we cannot trust
-        return f"undecodable image: {fmt} header: {str(err)[:100]}"
-    if width * height > max_pixels:
-        return (
-            f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx "
-            f"> {max_pixels / 1e6:.0f} Mpx allowed"
-        )
-    truncated = _truncation(data, fmt)
-    return f"truncated image: {truncated}" if truncated else None
+        return None, f"undecodable image: {fmt}: {str(err)[:100]}"
+    return data, None

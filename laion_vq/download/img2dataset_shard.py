@@ -15,7 +15,8 @@ img2dataset stays the crawler; two seams put our guards around it:
   deadline, robots opt-outs) does the request. A plain number still goes to img2dataset's own function,
   so plain img2dataset in the same process (the benchmark's reference) is unchanged;
 - the resizer: `_CheckedResizer` refuses empty, non-image, truncated and bomb-sized bodies from their
-  headers (`image_checks`) before OpenCV decodes anything.
+  headers (`image_checks`) before OpenCV decodes anything, and hands 16-bit and EXIF-rotated images
+  over as 8-bit upright PNGs, which OpenCV would otherwise store white or sideways.
 
 After img2dataset finishes, the status parquet is sorted by key and gains `failure_reason` (the
 normalised reason, `reasons.normalise`) and `jpg_sha256` (the hash of the JPEG stored in the tar, so a
@@ -47,7 +48,7 @@ import pyarrow.parquet as pq
 
 from laion_vq import settings
 from laion_vq.download.guard import AddressPolicy, FetchError, FetchLimits, fetch, parse_networks
-from laion_vq.download.image_checks import check_image_bytes
+from laion_vq.download.image_checks import prepare_image
 from laion_vq.download.reasons import normalise
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 
@@ -402,6 +403,11 @@ def _prepare_rows(
 
     column_list = [*extra, "caption", "url"]
     table = rows.select([*extra, caption_col, url_col]).rename_columns(column_list)
+    caption_type = table.schema.field("caption").type
+    if pa.types.is_binary(caption_type) or pa.types.is_large_binary(caption_type):
+        # Some LAION parts carry captions as raw bytes, not always UTF-8: keep the text, mark bad bytes (U+FFFD).
+        captions = [None if b is None else b.decode("utf-8", "replace") for b in table.column("caption").to_pylist()]
+        table = table.set_column(column_list.index("caption"), "caption", pa.array(captions, pa.string()))
     return table, column_list
 
 
@@ -475,17 +481,19 @@ def _install_guarded_fetch() -> None:
 
 
 class _CheckedResizer:
-    """img2dataset's Resizer behind `check_image_bytes`: a body that is empty, not an image, truncated
-    or bomb-sized is refused from its header, before OpenCV decodes it (same return shape as Resizer)."""
+    """img2dataset's Resizer behind `prepare_image`: a body that is empty, not an image, truncated or
+    bomb-sized is refused from its header before OpenCV decodes it; 16-bit and EXIF-rotated images are
+    handed over as 8-bit upright PNGs. Same call and return shape as the Resizer."""
 
     def __init__(self, resizer: Any, max_pixels: float) -> None:
         self.resizer, self.max_pixels = resizer, max_pixels
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
-        problem = check_image_bytes(img_stream.getvalue(), self.max_pixels)
+        data = img_stream.getvalue()
+        prepared, problem = prepare_image(data, self.max_pixels)
         if problem is not None:
             return None, None, None, None, None, problem
-        return self.resizer(img_stream, blurring_bbox_list)
+        return self.resizer(img_stream if prepared is data else io.BytesIO(prepared), blurring_bbox_list)
 
 
 def _verify_outputs(
