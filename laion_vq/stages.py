@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -154,6 +155,33 @@ def _watch_scratch(scratch: str, shard_id: int, progress: Callable[[str], None] 
         thread.join(timeout=5)
 
 
+SCRATCH_PREFIX = "laion_vq_dl_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(root: str | None = None) -> list[str]:
+    """Remove the scratch folders of download processes that died (SIGKILL, OOM): their partial tars
+    never reach storage, but would fill the worker's disk. Returns the folders removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            match = re.match(rf"{SCRATCH_PREFIX}\d+_(\d+)_", entry.name)
+            if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
 def download_image_shard(
     layout: StorageLayout,
     shard_id: int,
@@ -173,10 +201,11 @@ def download_image_shard(
     """
     from laion_vq.download import DownloadOptions, download_shard
 
+    remove_stale_scratch()
     rows = pq.read_table(io.BytesIO(_require(layout.metadata_shard(shard_id), "raw_metadata_shards")))
     start = time.perf_counter()
     with (
-        tempfile.TemporaryDirectory(prefix=f"laion_vq_dl_{shard_id:05d}_") as scratch,
+        tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{shard_id:05d}_{os.getpid()}_") as scratch,
         _watch_scratch(scratch, shard_id, progress, progress_every),
     ):
         result = download_shard(
