@@ -153,7 +153,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             deadline=_from_env(settings.DOWNLOAD_DEADLINE, as_int=True),
             max_bytes=_from_env(settings.DOWNLOAD_MAX_BYTES, as_int=True),
             max_redirects=_from_env(settings.DOWNLOAD_MAX_REDIRECTS, as_int=True),
-            allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS) if settings.DOWNLOAD_ALLOW_NETWORKS.raw() else None,
+            allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS) or None,
             min_rate_ratio=settings.DOWNLOAD_MIN_RATE_RATIO.get_float(),
             replace_worse=bool(settings.DOWNLOAD_REPLACE_WORSE.get_int()),
         ),
