@@ -60,6 +60,7 @@ class DownloaderResource(dg.ConfigurableResource):
     deadline: int = settings.DOWNLOAD_DEADLINE.default  # type: ignore[assignment]
     max_bytes: int = settings.DOWNLOAD_MAX_BYTES.default  # type: ignore[assignment]
     max_redirects: int = settings.DOWNLOAD_MAX_REDIRECTS.default  # type: ignore[assignment]
+    buffer_bytes: int = settings.DOWNLOAD_BUFFER_BYTES.default  # type: ignore[assignment]
     allow_networks: str | None = None  # None: LAION_VQ_DOWNLOAD_ALLOW_NETWORKS, read where the download runs
     min_rate_ratio: float = float(settings.DOWNLOAD_MIN_RATE_RATIO.default)  # type: ignore[arg-type]
     replace_worse: bool = False
@@ -78,6 +79,7 @@ class DownloaderResource(dg.ConfigurableResource):
             deadline=self.deadline,
             max_bytes=self.max_bytes,
             max_redirects=self.max_redirects,
+            buffer_bytes=self.buffer_bytes,
             retries=self.retries,
             thread_count=self.thread_count,
             **({} if self.allow_networks is None else {"allow_networks": tuple(self.allow_networks.split(","))}),
@@ -153,6 +155,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             deadline=_from_env(settings.DOWNLOAD_DEADLINE, as_int=True),
             max_bytes=_from_env(settings.DOWNLOAD_MAX_BYTES, as_int=True),
             max_redirects=_from_env(settings.DOWNLOAD_MAX_REDIRECTS, as_int=True),
+            buffer_bytes=_from_env(settings.DOWNLOAD_BUFFER_BYTES, as_int=True),
             allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS) or None,
             min_rate_ratio=settings.DOWNLOAD_MIN_RATE_RATIO.get_float(),
             replace_worse=bool(settings.DOWNLOAD_REPLACE_WORSE.get_int()),

@@ -69,6 +69,9 @@ DOWNLOAD_DEADLINE = Setting(
 DOWNLOAD_MAX_BYTES = Setting(
     "LAION_VQ_DOWNLOAD_MAX_BYTES", 20_000_000, "largest image body accepted, in bytes (larger: `too large`)"
 )
+DOWNLOAD_BUFFER_BYTES = Setting(
+    "LAION_VQ_DOWNLOAD_BUFFER_BYTES", 512_000_000, "image bodies one shard holds in memory at once, in bytes"
+)
 DOWNLOAD_MAX_REDIRECTS = Setting("LAION_VQ_DOWNLOAD_MAX_REDIRECTS", 3, "redirect hops followed per image")
 DOWNLOAD_ALLOW_NETWORKS = Setting(
     "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS",
@@ -107,6 +110,7 @@ ALL_SETTINGS = (
     DOWNLOAD_DEADLINE,
     DOWNLOAD_MAX_BYTES,
     DOWNLOAD_MAX_REDIRECTS,
+    DOWNLOAD_BUFFER_BYTES,
     DOWNLOAD_ALLOW_NETWORKS,
     DOWNLOAD_MIN_RATE_RATIO,
     DOWNLOAD_REPLACE_WORSE,

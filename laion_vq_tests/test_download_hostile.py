@@ -225,3 +225,32 @@ def test_exif_rotation_is_applied(shard: tuple[ShardDownloadResult, dict[str, di
     pixels = _pixels(jpegs, row)
     assert pixels[:, :30].min() > 245 and pixels[:, -30:].min() > 245  # border padding at the sides
     assert pixels[:30, 100:156].min() < 200  # picture reaches the top
+
+
+def test_a_shard_of_huge_bodies_stays_within_its_memory_budget(
+    servers: dict[str, HostileServer], tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 bodies of 6 MiB, 8 threads, a 16 MB budget: readers wait for memory instead of holding 72 MiB,
+    none starves (every row ends with its real reason, no deadline), and every byte taken is given back."""
+    from laion_vq.download import img2dataset_shard
+    from laion_vq.download.guard import ByteBudget
+
+    budgets: list[ByteBudget] = []
+
+    class ObservedBudget(ByteBudget):  # the real budget, remembered so the test can read its peak
+        def __init__(self, capacity: int, overdraft: int) -> None:
+            super().__init__(capacity, overdraft)
+            budgets.append(self)
+
+    monkeypatch.setattr(img2dataset_shard, "ByteBudget", ObservedBudget)
+    urls = [servers["web"].url(f"/big.jpg?length={i % 2}&mb=6&n={i}") for i in range(12)]
+    rows = pa.table({"URL": urls, "TEXT": [f"big {i}" for i in range(12)]})
+    options = DownloadOptions(
+        timeout=5, deadline=30, thread_count=8, max_bytes=8_000_000, buffer_bytes=16_000_000,
+        allow_networks=("127.0.0.1/32",),
+    )
+    result = download_shard(rows, 1, str(tmp_path_factory.mktemp("budget")), samples_per_shard=100, options=options)
+    assert result.failures_by_reason == {"truncated image": 12}  # a JPEG head, then zeros, no end marker
+    (budget,) = budgets
+    assert 6 * 2**20 <= budget.peak <= 16_000_000 + 8_000_000  # capacity + one max_bytes body, at most
+    assert budget.used == 0

@@ -14,6 +14,7 @@ metadata service (`169.254.169.254`) or a private address: server-side request f
 - refuses a `Content-Length` above `max_bytes` before reading and cuts off a body that grows past it;
 - gives up after `deadline` seconds per image in all, on top of the per-socket-operation `timeout`,
   so a server that drips a byte a second cannot hold a download thread for hours;
+- takes the bytes it reads from a shard's `ByteBudget`, so a shard of huge bodies holds bounded memory;
 - honours `X-Robots-Tag` opt-outs on the final response, as img2dataset does.
 
 Every refusal is a `FetchError` whose message starts with a reason a person recognises
@@ -26,13 +27,15 @@ from __future__ import annotations
 import functools
 import http.client
 import ipaddress
+import itertools
 import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,13 +49,16 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 #: Checked in this order, so an address is named by its most specific rule (127.0.0.1 is "loopback",
 #: though Python also calls it private).
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _RULES = (
     ("loopback", lambda a: a.is_loopback),
     ("unspecified", lambda a: a.is_unspecified),
     ("link-local", lambda a: a.is_link_local),
     ("multicast", lambda a: a.is_multicast),
-    ("private", lambda a: a.is_private),
+    ("broadcast", lambda a: a == _BROADCAST),
     ("reserved", lambda a: a.is_reserved),
+    ("site-local", lambda a: getattr(a, "is_site_local", False)),  # fec0::/10: deprecated, still private
+    ("private", lambda a: a.is_private),
     ("not globally routable", lambda a: not a.is_global),
 )
 
@@ -113,8 +119,8 @@ class AddressPolicy:
             inner = None if self._allowed(embedded) else self._rule(embedded)
             if inner is not None:
                 return f"{inner}, IPv4 {embedded} embedded in IPv6"
-            if address.ipv4_mapped is not None:  # type: ignore[union-attr]
-                return None  # a mapped address reaches exactly its IPv4 host, which passed
+            if address.ipv4_mapped is not None or address in _NAT64:  # type: ignore[union-attr]
+                return None  # mapped and NAT64 addresses reach exactly their IPv4 host, which passed
         return self._rule(address)
 
     @staticmethod
@@ -250,12 +256,68 @@ class _GuardedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = sock
 
 
+# --------------------------------------------------------------------------- memory
+
+
+class ByteBudget:
+    """Bytes of image bodies one shard may hold at once (downloaded, not yet resized and written).
+
+    img2dataset keeps up to 2 × threads bodies in flight; with `max_bytes` each that is gigabytes per
+    shard for a hostile shard. Readers take bytes chunk by chunk and wait (until their deadline) while
+    the shard is over budget; whoever consumes a body gives its bytes back. The oldest reader may
+    overdraw by up to `overdraft` bytes (one `max_bytes` body), so readers that each hold part of a body
+    cannot starve one another: a shard holds at most `capacity + overdraft` bytes of bodies.
+    """
+
+    def __init__(self, capacity: int, overdraft: int = 0) -> None:
+        if capacity < 1 or overdraft < 0:
+            raise ValueError(f"capacity must be >= 1 and overdraft >= 0 bytes, got {capacity} and {overdraft}")
+        self.capacity = capacity
+        self.overdraft = overdraft
+        self.used = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+        self._tickets = itertools.count()
+        self._readers: set[int] = set()
+
+    def enter(self) -> int:
+        """A ticket for a reader about to read a body; `leave` it when the read ends."""
+        with self._changed:
+            ticket = next(self._tickets)
+            self._readers.add(ticket)
+            return ticket
+
+    def leave(self, ticket: int) -> None:
+        with self._changed:
+            self._readers.discard(ticket)
+            self._changed.notify_all()
+
+    def take(self, n: int, deadline: float, ticket: int) -> None:
+        with self._changed:
+            while self.used + n > self.capacity and (
+                ticket != min(self._readers, default=ticket) or self.used + n > self.capacity + self.overdraft
+            ):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FetchError(f"deadline: waited for memory ({self.used} of {self.capacity} bytes held)")
+                self._changed.wait(remaining)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        with self._changed:
+            self.used -= n
+            self._changed.notify_all()
+
+
 # --------------------------------------------------------------------------- fetching
 
 
 def is_disallowed(values: Iterable[str], user_agent_token: str | None, directives: frozenset[str]) -> bool:
     """True if an `X-Robots-Tag` value opts out of `directives`, for everyone or for our token
     (img2dataset's rule: `noai`, or `img2dataset: noai`)."""
+    directives = frozenset(d.lower() for d in directives)
+    user_agent_token = user_agent_token.lower() if user_agent_token else None
     for value in values:
         parts = value.split(":", 1)
         token = parts[0].strip().lower() if len(parts) == 2 else None
@@ -267,37 +329,70 @@ def is_disallowed(values: Iterable[str], user_agent_token: str | None, directive
     return False
 
 
-def _read_body(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
+def _read_body(
+    response: http.client.HTTPResponse, max_bytes: int, budget: ByteBudget | None, deadline: float
+) -> bytes:
     length = response.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise FetchError(f"too large: Content-Length {int(length)} > {max_bytes} bytes")
     chunks: list[bytes] = []
     total = 0
-    while chunk := response.read1(65536):  # one receive at most: the deadline is checked in between
-        total += len(chunk)
-        if total > max_bytes:
-            raise FetchError(f"too large: body exceeds {max_bytes} bytes")
-        chunks.append(chunk)
-    if response.length:  # the server closed before sending what Content-Length promised
-        raise FetchError(f"truncated body: got {total} bytes, {response.length} more were promised")
+    ticket = budget.enter() if budget is not None else 0
+    try:
+        while chunk := response.read1(65536):  # one receive at most: the deadline is checked in between
+            total += len(chunk)
+            if total > max_bytes:
+                raise FetchError(f"too large: body exceeds {max_bytes} bytes")
+            if budget is not None:
+                budget.take(len(chunk), deadline, ticket)
+            chunks.append(chunk)
+        if response.length:  # the server closed before sending what Content-Length promised
+            raise FetchError(f"truncated body: got {total} bytes, {response.length} more were promised")
+    except BaseException:
+        if budget is not None:
+            budget.give(sum(map(len, chunks)))
+        raise
+    finally:
+        if budget is not None:
+            budget.leave(ticket)
     return b"".join(chunks)
 
 
-def _fetch_once(url: str, limits: FetchLimits, deadline: float) -> tuple[bytes | None, str | None]:
-    """One request: (body, None), or (None, next URL) for a redirect."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise FetchError(f"not http(s): unsupported scheme {parts.scheme or '(none)'!r} in {url[:100]}")
+#: Characters left as they are when a URL's path and query are percent-encoded the way browsers do.
+_URL_SAFE = "/?&=:;@!$'()*+,~%#[]-._"
+
+
+def _request_parts(url: str) -> tuple[str, str, int, str]:
+    """(scheme, ASCII host, port, request target) of `url`; anything malformed is a FetchError.
+
+    Browsers send a URL with spaces or non-ASCII characters percent-encoded (UTF-8) and an
+    internationalised host name in IDNA; LAION holds many such URLs, so we do the same instead of
+    failing them as urllib does.
+    """
     try:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https"):
+            raise FetchError(f"not http(s): unsupported scheme {parts.scheme or '(none)'!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as err:
-        raise FetchError(f"invalid url: {err}") from err
-    if not parts.hostname:
-        raise FetchError(f"invalid url: no host in {url[:100]}")
-    connection_class = _GuardedHTTPSConnection if parts.scheme == "https" else _GuardedHTTPConnection
-    connection = connection_class(parts.hostname, port, limits, deadline)
+        if not parts.hostname:
+            raise FetchError("invalid url: no host")
+        host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as err:
+        raise FetchError(f"invalid url: {str(err)[:100]}") from err
+    target = quote(parts.path or "/", safe=_URL_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_URL_SAFE)
+    return parts.scheme, host, port, target
+
+
+def _fetch_once(
+    url: str, limits: FetchLimits, deadline: float, budget: ByteBudget | None
+) -> tuple[bytes | None, str | None]:
+    """One request: (body, None), or (None, next URL) for a redirect."""
+    scheme, host, port, target = _request_parts(url)
+    connection_class = _GuardedHTTPSConnection if scheme == "https" else _GuardedHTTPConnection
+    connection = connection_class(host, port, limits, deadline)
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection.request("GET", target, headers={"User-Agent": limits.user_agent, "Connection": "close"})
         response = connection.getresponse()
         location = response.getheader("Location")
@@ -309,18 +404,21 @@ def _fetch_once(url: str, limits: FetchLimits, deadline: float) -> tuple[bytes |
             response.headers.get_all("X-Robots-Tag") or [], limits.user_agent_token, limits.disallowed_directives
         ):
             raise FetchError(ROBOTS_MESSAGE)
-        return _read_body(response, limits.max_bytes), None
+        return _read_body(response, limits.max_bytes, budget, deadline), None
     finally:
         connection.close()
 
 
-def fetch(url: str, limits: FetchLimits) -> bytes:
-    """The body of `url`, fetched within `limits`; any failure is a FetchError naming its reason."""
+def fetch(url: str, limits: FetchLimits, budget: ByteBudget | None = None) -> bytes:
+    """The body of `url`, fetched within `limits`; any failure is a FetchError naming its reason.
+
+    With a `budget`, the returned body's bytes stay taken from it: the consumer gives them back.
+    """
     deadline = time.monotonic() + limits.deadline
     hops = 0
     try:
         while True:
-            body, url_next = _fetch_once(url, limits, deadline)
+            body, url_next = _fetch_once(url, limits, deadline, budget)
             if body is not None:
                 return body
             hops += 1
@@ -334,13 +432,17 @@ def fetch(url: str, limits: FetchLimits) -> bytes:
             raise FetchError(f"deadline: not done after {limits.deadline:g} s") from err
         raise FetchError(f"timeout: no data for {limits.timeout:g} s") from err
     except ConnectionRefusedError as err:
-        raise FetchError(f"connection refused: {url[:100]}") from err
+        raise FetchError("connection refused") from err
     except ConnectionResetError as err:
         raise FetchError("connection reset by the server") from err
     except ssl.SSLError as err:
         raise FetchError(f"tls error: {err}") from err
     except http.client.IncompleteRead as err:
         raise FetchError(f"truncated body: {err!r}") from err
+    except http.client.RemoteDisconnected as err:
+        raise FetchError("connection reset: the server closed the connection without a response") from err
+    except http.client.InvalidURL as err:
+        raise FetchError(f"invalid url: {str(err)[:100]}") from err
     except http.client.HTTPException as err:
         raise FetchError(f"bad response: {type(err).__name__}: {str(err)[:100]}") from err
     except OSError as err:

@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
 #: EXIF tag of the orientation (1: upright; 2–8: mirrored and/or rotated)
 ORIENTATION = 0x0112
 
@@ -41,11 +42,37 @@ _SIGNATURES = (
 )
 
 
+#: Sizes of the BMP info headers that exist (OS/2 1.x, Windows 3.x, v2–v5): "BM" alone is too weak a sign.
+_BMP_INFO_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format its magic bytes announce (`jpeg`, `png`, `gif`, `webp`, `bmp`, `tiff`), or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+    name = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+    if name == "bmp" and int.from_bytes(data[14:18], "little") not in _BMP_INFO_SIZES:
+        return None
+    return name
+
+
+def _first_jpeg_scan(data: bytes) -> int:
+    """Offset of the main image's first scan header (SOS), walking the marker segments from the start so
+    that markers inside an APP segment (an EXIF thumbnail is a whole JPEG) are skipped; -1 if none."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return -1
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:
+            return i
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return -1
 
 
 def _describe_non_image(data: bytes) -> str:
@@ -61,12 +88,12 @@ def _describe_non_image(data: bytes) -> str:
 
 def _truncation(data: bytes, fmt: str) -> str | None:
     if fmt == "jpeg":
-        # Entropy-coded data never holds FF DA or FF D9 (FF is stuffed as FF 00), so the last scan
-        # header must be followed by an end-of-image marker; one inside an EXIF thumbnail comes earlier.
-        last_scan = data.rfind(b"\xff\xda")
-        if last_scan < 0:
-            return "JPEG has no scan data"
-        if data.find(b"\xff\xd9", last_scan) < 0:
+        # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an end-of-image marker after
+        # the main image's first scan header closes the image; a thumbnail's comes before that header.
+        first_scan = _first_jpeg_scan(data)
+        if first_scan < 0:
+            return "JPEG ends before its image data"
+        if data.find(b"\xff\xd9", first_scan) < 0:
             return "JPEG ends without an end-of-image marker"
     elif fmt == "png":
         if data.rfind(b"IEND") < 0:
@@ -88,6 +115,14 @@ def _is_16_bit(image: Image.Image, data: bytes, fmt: str) -> bool:
     return False
 
 
+def _orientation(image: Image.Image, data: bytes, fmt: str) -> int:
+    """The EXIF orientation, read only where it is cheap: PIL's `getexif` decodes a whole PNG to find
+    EXIF, so a PNG is asked only when it has an `eXIf` chunk; GIF and BMP carry none."""
+    if fmt in ("gif", "bmp") or (fmt == "png" and b"eXIf" not in data):
+        return 1
+    return int(image.getexif().get(ORIENTATION, 1))
+
+
 def _rewrite_8bit_upright(image: Image.Image, sixteen_bit: bool) -> bytes:
     """The image as an 8-bit PNG, EXIF orientation applied: what a browser shows, losslessly."""
     image.load()
@@ -95,6 +130,8 @@ def _rewrite_8bit_upright(image: Image.Image, sixteen_bit: bool) -> bytes:
         image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     elif image.mode in ("I", "F"):
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 256, 0, 255).astype(np.uint8))
+    if image.mode not in _PNG_MODES:  # CMYK, YCbCr, LAB…: PNG holds none of them
+        image = image.convert("RGB")
     image = ImageOps.exif_transpose(image) or image
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
@@ -109,6 +146,9 @@ def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | N
     fmt = sniff_format(data)
     if fmt is None:
         return None, f"not an image: {_describe_non_image(data)}"
+    truncated = _truncation(data, fmt)
+    if truncated:
+        return None, f"truncated image: {truncated}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -119,11 +159,8 @@ def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | N
                         f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx "
                         f"> {max_pixels / 1e6:.0f} Mpx allowed"
                     )
-                truncated = _truncation(data, fmt)
-                if truncated:
-                    return None, f"truncated image: {truncated}"
                 sixteen_bit = _is_16_bit(image, data, fmt)
-                if sixteen_bit or image.getexif().get(ORIENTATION, 1) != 1:
+                if sixteen_bit or _orientation(image, data, fmt) != 1:
                     return _rewrite_8bit_upright(image, sixteen_bit), None
     except Image.DecompressionBombError as err:
         return None, f"decompression bomb: {err}"

@@ -11,9 +11,10 @@ img2dataset stays the crawler; two seams put our guards around it:
 - the fetch: img2dataset 1.47.0 fetches with `urllib` in the module-level `download_image`, which
   reaches any address, follows any redirect and reads any body whole. We install `_guarded_download_image`
   in its place; the Downloader hands its `timeout` argument through untouched, so ours passes a
-  `FetchLimits` there and the guard (`guard.fetch`: address policy after DNS, redirect hops, byte cap,
-  deadline, robots opt-outs) does the request. A plain number still goes to img2dataset's own function,
-  so plain img2dataset in the same process (the benchmark's reference) is unchanged;
+  `_ShardFetch` there (the guard's `FetchLimits` and the shard's `ByteBudget`) and the guard
+  (`guard.fetch`: address policy after DNS, redirect hops, byte cap, deadline, memory budget, robots
+  opt-outs) does the request. A plain number still goes to img2dataset's own function, so plain
+  img2dataset in the same process (the benchmark's reference) is unchanged;
 - the resizer: `_CheckedResizer` refuses empty, non-image, truncated and bomb-sized bodies from their
   headers (`image_checks`) before OpenCV decodes anything, and hands 16-bit and EXIF-rotated images
   over as 8-bit upright PNGs, which OpenCV would otherwise store white or sideways.
@@ -47,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq import settings
-from laion_vq.download.guard import AddressPolicy, FetchError, FetchLimits, fetch, parse_networks
+from laion_vq.download.guard import AddressPolicy, ByteBudget, FetchError, FetchLimits, fetch, parse_networks
 from laion_vq.download.image_checks import prepare_image
 from laion_vq.download.reasons import normalise
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
@@ -131,7 +132,8 @@ class DownloadOptions:
 
     `max_image_area` is in pixels of the ORIGINAL image, read from its header before anything decodes
     it: the guard against decompression bombs. `timeout` is seconds per socket operation, `deadline`
-    seconds per image in all, `max_bytes` the largest body read, `max_redirects` the hops followed.
+    seconds per image in all, `max_bytes` the largest body read, `max_redirects` the hops followed;
+    `buffer_bytes` bounds the bodies a shard holds in memory at once (downloaded, not yet written).
     Downloads reach global addresses only; `allow_networks` (CIDRs) opens exceptions, by default those
     of `LAION_VQ_DOWNLOAD_ALLOW_NETWORKS` (tests and the demo open their loopback server that way).
     `compute_hash` stores that hash of the downloaded (original) bytes in the parquet/json, as
@@ -150,6 +152,7 @@ class DownloadOptions:
     deadline: float = 30
     max_bytes: int = 20_000_000
     max_redirects: int = 3
+    buffer_bytes: int = 512_000_000
     allow_networks: tuple[str, ...] = field(
         default_factory=lambda: tuple(settings.DOWNLOAD_ALLOW_NETWORKS.get_str().split(","))
     )
@@ -188,6 +191,8 @@ class DownloadOptions:
         networks = parse_networks(self.allow_networks)  # a bad CIDR fails here, naming it
         object.__setattr__(self, "allow_networks", tuple(str(n) for n in networks))
         self.fetch_limits()  # validates deadline, max_bytes, max_redirects
+        if self.buffer_bytes < self.max_bytes:
+            raise ValueError(f"buffer_bytes ({self.buffer_bytes}) must hold at least one max_bytes body")
 
     def fetch_limits(self) -> FetchLimits:
         """What the guard enforces for each image of a shard."""
@@ -445,7 +450,8 @@ def _build_downloader(
         extract_exif=options.extract_exif,
         output_folder=output_dir,
         column_list=column_list,
-        timeout=options.fetch_limits(),  # handed through to `_guarded_download_image`
+        # img2dataset hands `timeout` through to `_guarded_download_image`: ours carries the guard's limits
+        timeout=_ShardFetch(options.fetch_limits(), ByteBudget(options.buffer_bytes, overdraft=options.max_bytes)),
         number_sample_per_shard=samples_per_shard,
         oom_shard_count=shard_digits,
         compute_hash=options.compute_hash,
@@ -458,6 +464,30 @@ def _build_downloader(
     )
 
 
+@dataclass(frozen=True)
+class _ShardFetch:
+    """What our Downloader passes where img2dataset expects a timeout: the guard's limits and the
+    shard's memory budget for bodies in flight."""
+
+    limits: FetchLimits
+    budget: ByteBudget
+
+
+class _BudgetedBody(io.BytesIO):
+    """A downloaded body whose bytes go back to the shard's budget when img2dataset closes it (it closes
+    every stream it is done with) or, failing that, when it is garbage-collected."""
+
+    def __init__(self, data: bytes, budget: ByteBudget) -> None:
+        super().__init__(data)
+        self._budget, self._held = budget, len(data)
+
+    def close(self) -> None:
+        held, self._held = self._held, 0
+        if held:
+            self._budget.give(held)
+        super().close()
+
+
 @functools.cache
 def _install_guarded_fetch() -> None:
     """Put `_guarded_download_image` where img2dataset's Downloader looks up its fetch function."""
@@ -467,11 +497,11 @@ def _install_guarded_fetch() -> None:
 
         @functools.wraps(original)
         def _guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives):  # type: ignore[no-untyped-def]
-            if not isinstance(timeout, FetchLimits):  # plain img2dataset use: leave it as it was
+            if not isinstance(timeout, _ShardFetch):  # plain img2dataset use: leave it as it was
                 return original(row, timeout, user_agent_token, disallowed_header_directives)
             key, url = row
             try:
-                return key, io.BytesIO(fetch(url, timeout)), None
+                return key, _BudgetedBody(fetch(url, timeout.limits, timeout.budget), timeout.budget), None
             except FetchError as err:
                 return key, None, str(err)
             except Exception as err:  # noqa: BLE001 - img2dataset's contract: the error as a message
