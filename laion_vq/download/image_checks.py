@@ -115,10 +115,10 @@ def _is_16_bit(image: Image.Image, data: bytes, fmt: str) -> bool:
     return False
 
 
-def _orientation(image: Image.Image, data: bytes, fmt: str) -> int:
-    """The EXIF orientation, read only where it is cheap: PIL's `getexif` decodes a whole PNG to find
-    EXIF, so a PNG is asked only when it has an `eXIf` chunk; GIF and BMP carry none."""
-    if fmt in ("gif", "bmp") or (fmt == "png" and b"eXIf" not in data):
+def _orientation(image: Image.Image, fmt: str) -> int:
+    """The EXIF orientation, read only where the header parse already found EXIF: PIL's `getexif` on a
+    PNG without it decodes the whole image looking for a late chunk (milliseconds per image)."""
+    if fmt != "tiff" and "exif" not in image.info:
         return 1
     return int(image.getexif().get(ORIENTATION, 1))
 
@@ -160,7 +160,7 @@ def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | N
                         f"> {max_pixels / 1e6:.0f} Mpx allowed"
                     )
                 sixteen_bit = _is_16_bit(image, data, fmt)
-                if sixteen_bit or _orientation(image, data, fmt) != 1:
+                if sixteen_bit or _orientation(image, fmt) != 1:
                     return _rewrite_8bit_upright(image, sixteen_bit), None
     except Image.DecompressionBombError as err:
         return None, f"decompression bomb: {err}"
