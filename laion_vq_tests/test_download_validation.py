@@ -144,18 +144,24 @@ def test_partial_shard_is_never_reported_as_done(tmp_path: Path) -> None:
             table, 2, str(tmp_path / "ok"), samples_per_shard=4, options=DownloadOptions(thread_count=4)
         )
     assert result.successes == 3
+    ok = tmp_path / "ok"
+    hashed = set(pq.read_table(ok / "00002.parquet").column("key").to_pylist())
+    outputs = [str(ok / "00002.tar"), str(ok / "00002.parquet"), str(ok / "00002_stats.json")]
+    img2dataset_shard._verify_outputs(*outputs, 2, 3, 4, 5, "jpg", hashed)
+    with pytest.raises(RuntimeError, match="the writer stored 2"):  # an image the writer never hashed
+        img2dataset_shard._verify_outputs(*outputs, 2, 3, 4, 5, "jpg", set(sorted(hashed)[1:]))
     broken = tmp_path / "broken"
-    shutil.copytree(tmp_path / "ok", broken)
+    shutil.copytree(ok, broken)
     parquet = broken / "00002.parquet"
     pq.write_table(pq.read_table(parquet).slice(0, 2), parquet)
     with pytest.raises(RuntimeError, match="status parquet has 2 rows for 3 input rows"):
         img2dataset_shard._verify_outputs(
-            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg"
+            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg", hashed
         )
     (broken / "00002_stats.json").unlink()
     with pytest.raises(RuntimeError, match="did not write"):
         img2dataset_shard._verify_outputs(
-            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg"
+            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg", hashed
         )
 
 

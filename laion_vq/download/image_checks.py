@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,23 +57,40 @@ def sniff_format(data: bytes) -> str | None:
     return name
 
 
-def _first_jpeg_scan(data: bytes) -> int:
-    """Offset of the main image's first scan header (SOS), walking the marker segments from the start so
-    that markers inside an APP segment (an EXIF thumbnail is a whole JPEG) are skipped; -1 if none."""
-    i = 2
+#: Start-of-frame markers (baseline, progressive, lossless, arithmetic…): they carry the image size.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+@dataclass(frozen=True)
+class _JpegHeader:
+    first_scan: int  # offset of the main image's first scan header (SOS); -1 if the file ends before it
+    size: tuple[int, int] | None  # (width, height) from the frame header
+    has_exif: bool
+
+
+def _jpeg_header(data: bytes) -> _JpegHeader:
+    """Walk the marker segments from the start, so markers inside an APP segment (an EXIF thumbnail is
+    a whole JPEG) are skipped: the main scan's offset, the frame size and whether EXIF is present —
+    what the checks need, without PIL (most LAION images are JPEGs, and this runs for every one)."""
+    i, size, has_exif = 2, None, False
     while i + 4 <= len(data):
         if data[i] != 0xFF:
-            return -1
+            break
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
-        elif marker == 0xDA:
-            return i
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            continue
+        if marker == 0xDA:
+            return _JpegHeader(i, size, has_exif)
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return -1
+            continue
+        if marker in _JPEG_SOF and i + 9 <= len(data):
+            size = (int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big"))
+        elif marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            has_exif = True
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return _JpegHeader(-1, size, has_exif)
 
 
 def _describe_non_image(data: bytes) -> str:
@@ -86,14 +104,13 @@ def _describe_non_image(data: bytes) -> str:
     return f"unknown format starting {data[:8].hex()}"
 
 
-def _truncation(data: bytes, fmt: str) -> str | None:
-    if fmt == "jpeg":
+def _truncation(data: bytes, fmt: str, jpeg: _JpegHeader | None) -> str | None:
+    if jpeg is not None:
         # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an end-of-image marker after
         # the main image's first scan header closes the image; a thumbnail's comes before that header.
-        first_scan = _first_jpeg_scan(data)
-        if first_scan < 0:
+        if jpeg.first_scan < 0:
             return "JPEG ends before its image data"
-        if data.find(b"\xff\xd9", first_scan) < 0:
+        if data.find(b"\xff\xd9", jpeg.first_scan) < 0:
             return "JPEG ends without an end-of-image marker"
     elif fmt == "png":
         if data.rfind(b"IEND") < 0:
@@ -138,6 +155,12 @@ def _rewrite_8bit_upright(image: Image.Image, sixteen_bit: bool) -> bytes:
     return buffer.getvalue()
 
 
+def _bomb(width: int, height: int, max_pixels: float) -> str | None:
+    if width * height <= max_pixels:
+        return None
+    return f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx > {max_pixels / 1e6:.0f} Mpx allowed"
+
+
 def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | None]:
     """(bytes for OpenCV to decode, None) when `data` is a whole image of at most `max_pixels` pixels,
     else (None, why not). The bytes are `data` itself, or an 8-bit upright rewrite (module docstring)."""
@@ -146,19 +169,20 @@ def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | N
     fmt = sniff_format(data)
     if fmt is None:
         return None, f"not an image: {_describe_non_image(data)}"
-    truncated = _truncation(data, fmt)
+    jpeg = _jpeg_header(data) if fmt == "jpeg" else None
+    truncated = _truncation(data, fmt, jpeg)
     if truncated:
         return None, f"truncated image: {truncated}"
+    if jpeg is not None and jpeg.size is not None and not jpeg.has_exif:  # the common case: no PIL needed
+        bomb = _bomb(*jpeg.size, max_pixels)
+        return (None, bomb) if bomb else (data, None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:  # parses the header only
-                width, height = image.size
-                if width * height > max_pixels:
-                    return None, (
-                        f"decompression bomb: {width}x{height} = {width * height / 1e6:.0f} Mpx "
-                        f"> {max_pixels / 1e6:.0f} Mpx allowed"
-                    )
+                bomb = _bomb(*image.size, max_pixels)
+                if bomb:
+                    return None, bomb
                 sixteen_bit = _is_16_bit(image, data, fmt)
                 if sixteen_bit or _orientation(image, fmt) != 1:
                     return _rewrite_8bit_upright(image, sixteen_bit), None

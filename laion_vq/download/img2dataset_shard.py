@@ -297,10 +297,13 @@ def download_shard(
             feather_path = os.path.join(tmp, f"{shard_id}.feather")
             with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            downloader = _build_downloader(output_dir, column_list, samples_per_shard, shard_digits, options)
+            digests: dict[str, str] = {}
+            downloader = _build_downloader(
+                output_dir, column_list, samples_per_shard, shard_digits, options, digests
+            )
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
-        stats, digests = _verify_outputs(
+        stats = _verify_outputs(
             tar_path,
             parquet_path,
             stats_path,
@@ -309,6 +312,7 @@ def download_shard(
             samples_per_shard,
             shard_digits,
             options.encode_format,
+            set(digests),
         )
         failures_by_reason, failure_examples = _annotate_status(parquet_path, stats_path, digests)
     except BaseException:
@@ -422,8 +426,10 @@ def _build_downloader(
     samples_per_shard: int,
     shard_digits: int,
     options: DownloadOptions,
+    digests: dict[str, str],
 ) -> Any:
-    """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`."""
+    """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`, with
+    the guards, and a writer that records each stored image's sha256 into `digests` (key → hex)."""
     mods = _img2dataset()
     _install_guarded_fetch()
     resizer = mods["resizer"].Resizer(
@@ -443,7 +449,7 @@ def _build_downloader(
     )
     directives = list(options.disallowed_header_directives) or None  # download(): [] means "honour none"
     return mods["downloader"].Downloader(
-        sample_writer_class=mods["writer"].WebDatasetSampleWriter,
+        sample_writer_class=functools.partial(_hashing_writer_class(), digests),
         resizer=_CheckedResizer(resizer, options.max_image_area),
         thread_count=options.thread_count,
         save_caption=True,
@@ -486,6 +492,24 @@ class _BudgetedBody(io.BytesIO):
         if held:
             self._budget.give(held)
         super().close()
+
+
+@functools.cache
+def _hashing_writer_class() -> type:
+    """img2dataset's WebDatasetSampleWriter that also records sha256 of the exact bytes it stores, by key:
+    the proof a later audit checks the tar against, at the cost of one hash per image (no re-read)."""
+
+    class HashingWebDatasetSampleWriter(_img2dataset()["writer"].WebDatasetSampleWriter):
+        def __init__(self, digests: dict[str, str], *args: Any) -> None:
+            super().__init__(*args)
+            self.digests = digests
+
+        def write(self, img_str, key, caption, meta):  # type: ignore[no-untyped-def]
+            if img_str is not None:
+                self.digests[key] = hashlib.sha256(img_str).hexdigest()
+            super().write(img_str, key, caption, meta)
+
+    return HashingWebDatasetSampleWriter
 
 
 @functools.cache
@@ -535,9 +559,11 @@ def _verify_outputs(
     samples_per_shard: int,
     shard_digits: int,
     encode_format: str,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Check the three outputs account for every input row; img2dataset skips a sample whose
-    handling raised (it only prints), which would otherwise look like a complete shard."""
+    hashed_keys: set[str],
+) -> dict[str, Any]:
+    """Check the three outputs account for every input row, and that the tar's images are the ones
+    the writer hashed; img2dataset skips a sample whose handling raised (it only prints), which would
+    otherwise look like a complete shard."""
     missing = [p for p in (tar_path, parquet_path, stats_path) if not os.path.isfile(p)]
     if missing:
         raise RuntimeError(f"img2dataset did not write {missing} for shard {shard_id}")
@@ -571,29 +597,19 @@ def _verify_outputs(
         raise RuntimeError(
             f"shard {shard_id}: parquet has {parquet_successes} successes, stats say {stats['successes']}"
         )
-    digests = _image_digests(tar_path, shard_id, encode_format)
-    success_keys = {k for k, st in zip(keys, statuses, strict=True) if st == "success"}
-    if set(digests) != success_keys:
-        raise RuntimeError(
-            f"shard {shard_id}: tar holds {len(digests)} images, the parquet {len(success_keys)} successes "
-            f"({len(set(digests) ^ success_keys)} keys differ)"
-        )
-    return stats, digests
-
-
-def _image_digests(tar_path: str, shard_id: int, encode_format: str) -> dict[str, str]:
-    """key → sha256 of each stored image's bytes, read back from the tar img2dataset wrote."""
     suffix = f".{encode_format}"
-    digests: dict[str, str] = {}
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(suffix):
-                    with tar.extractfile(member) as f:  # type: ignore[union-attr]
-                        digests[member.name.removesuffix(suffix)] = hashlib.sha256(f.read()).hexdigest()
+        with tarfile.open(tar_path, "r:") as tar:  # headers only: the writer hashed the bytes it stored
+            tar_keys = {m.name.removesuffix(suffix) for m in tar if m.isfile() and m.name.endswith(suffix)}
     except tarfile.TarError as err:
         raise RuntimeError(f"shard {shard_id}: {tar_path} is not a readable tar: {err}") from err
-    return digests
+    success_keys = {k for k, st in zip(keys, statuses, strict=True) if st == "success"}
+    if not tar_keys == success_keys == hashed_keys:
+        raise RuntimeError(
+            f"shard {shard_id}: tar holds {len(tar_keys)} images, the parquet {len(success_keys)} successes, "
+            f"the writer stored {len(hashed_keys)} ({len(tar_keys ^ success_keys)} keys differ)"
+        )
+    return stats
 
 
 def _annotate_status(
