@@ -108,9 +108,10 @@ def _truncation(data: bytes, fmt: str, jpeg: _JpegHeader | None) -> str | None:
     if jpeg is not None:
         # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an end-of-image marker after
         # the main image's first scan header closes the image; a thumbnail's comes before that header.
+        # Searched from the end, where it is: a forward search stops at every stuffed FF (0.7 µs/KB).
         if jpeg.first_scan < 0:
             return "JPEG ends before its image data"
-        if data.find(b"\xff\xd9", jpeg.first_scan) < 0:
+        if data.rfind(b"\xff\xd9") < jpeg.first_scan:
             return "JPEG ends without an end-of-image marker"
     elif fmt == "png":
         if data.rfind(b"IEND") < 0:
