@@ -60,7 +60,7 @@ ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CU
 PREVIEW_SAMPLES = Setting(
     "LAION_VQ_PREVIEW_SAMPLES", 4, "images shown beside their reconstructions per encoder run (0: none)"
 )
-DOWNLOAD_THREADS = Setting("LAION_VQ_DOWNLOAD_THREADS", 64, "img2dataset download threads per shard")
+DOWNLOAD_THREADS = Setting("LAION_VQ_DOWNLOAD_THREADS", 128, "img2dataset download threads per shard")
 DOWNLOAD_TIMEOUT = Setting("LAION_VQ_DOWNLOAD_TIMEOUT", 10, "seconds per image request")
 DOWNLOAD_RETRIES = Setting("LAION_VQ_DOWNLOAD_RETRIES", 0, "retries per failed image request")
 DOWNLOAD_DEADLINE = Setting(
