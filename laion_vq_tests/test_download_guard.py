@@ -35,22 +35,15 @@ from laion_vq.download.guard import (
 from laion_vq.download.image_checks import prepare_image, sniff_format
 from laion_vq.download.reasons import REASONS, normalise
 from laion_vq.fixtures.hostile_server import HostileServer, _bomb_png, closed_port
+from laion_vq.fixtures.loopback import ipv6_loopback_available
 
 DRIP_S = 0.1
 ALLOW_WEB = AddressPolicy.from_cidrs("127.0.0.1/32")
 PHOTO = "/img/photo.jpg"
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
-
-IPV6 = _ipv6_loopback()
+IPV6 = ipv6_loopback_available()
 needs_ipv6 = pytest.mark.skipif(not IPV6, reason="no IPv6 loopback on this machine")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import tarfile
 from collections.abc import Callable, Iterator
 from urllib.parse import quote
@@ -23,6 +22,7 @@ from PIL import Image
 
 from laion_vq.download import DownloadOptions, ShardDownloadResult, download_shard, expected_key
 from laion_vq.fixtures.hostile_server import HostileServer, closed_port
+from laion_vq.fixtures.loopback import ipv6_loopback_available
 
 SHARD = 7
 SAMPLES = 100
@@ -31,20 +31,12 @@ OPTIONS = DownloadOptions(
 )
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, HostileServer]]:
     """The web (127.0.0.1) and the addresses it must not reach (127.0.0.2, ::1)."""
     started = {"web": HostileServer(drip_interval_s=0.4, stall_s=20), "secret": HostileServer(host="127.0.0.2")}
-    if _ipv6_loopback():
+    if ipv6_loopback_available():
         started["secret6"] = HostileServer(host="::1")
     for server in started.values():
         server.start()
