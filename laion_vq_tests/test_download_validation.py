@@ -14,10 +14,12 @@ from laion_vq.download import (
     DownloadOptions,
     check_img2dataset_version,
     download_shard,
+    expected_key,
     img2dataset_shard,
     installed_img2dataset_version,
     shard_name,
 )
+from laion_vq.download.shard_files import verify_shard_files
 from laion_vq.fixtures.image_server import ImageServer
 
 
@@ -146,23 +148,21 @@ def test_partial_shard_is_never_reported_as_done(tmp_path: Path) -> None:
     assert result.successes == 3
     ok = tmp_path / "ok"
     hashed = set(pq.read_table(ok / "00002.parquet").column("key").to_pylist())
+    KEYS = {expected_key(2, i, 4) for i in range(3)}  # noqa: N806 - a constant of this test
     outputs = [str(ok / "00002.tar"), str(ok / "00002.parquet"), str(ok / "00002_stats.json")]
-    img2dataset_shard._verify_outputs(*outputs, 2, 3, 4, 5, "jpg", hashed)
+    verify_shard_files(*outputs, 2, KEYS, "jpg", hashed)
     with pytest.raises(RuntimeError, match="the writer stored 2"):  # an image the writer never hashed
-        img2dataset_shard._verify_outputs(*outputs, 2, 3, 4, 5, "jpg", set(sorted(hashed)[1:]))
+        verify_shard_files(*outputs, 2, KEYS, "jpg", set(sorted(hashed)[1:]))
     broken = tmp_path / "broken"
     shutil.copytree(ok, broken)
     parquet = broken / "00002.parquet"
     pq.write_table(pq.read_table(parquet).slice(0, 2), parquet)
+    broken_outputs = [str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json")]
     with pytest.raises(RuntimeError, match="status parquet has 2 rows for 3 input rows"):
-        img2dataset_shard._verify_outputs(
-            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg", hashed
-        )
+        verify_shard_files(*broken_outputs, 2, KEYS, "jpg", hashed)
     (broken / "00002_stats.json").unlink()
     with pytest.raises(RuntimeError, match="did not write"):
-        img2dataset_shard._verify_outputs(
-            str(broken / "00002.tar"), str(parquet), str(broken / "00002_stats.json"), 2, 3, 4, 5, "jpg", hashed
-        )
+        verify_shard_files(*broken_outputs, 2, KEYS, "jpg", hashed)
 
 
 def test_stale_outputs_are_replaced(tmp_path: Path) -> None:

@@ -32,25 +32,21 @@ import functools
 import hashlib
 import importlib.metadata
 import io
-import json
 import math
 import os
-import tarfile
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from laion_vq import settings
-from laion_vq.download.guard import AddressPolicy, ByteBudget, FetchError, FetchLimits, fetch, parse_networks
+from laion_vq.download.guard import ByteBudget, FetchError, FetchLimits, fetch
 from laion_vq.download.image_checks import prepare_image
-from laion_vq.download.reasons import normalise
+from laion_vq.download.options import DownloadOptions
+from laion_vq.download.shard_files import annotate_status, verify_shard_files
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
@@ -62,12 +58,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 #: The img2dataset release whose internals (Downloader, Resizer, WebDatasetSampleWriter, compute_key,
 #: the `_stats.json` layout) this module was written and tested against.
 PINNED_IMG2DATASET_VERSION = "1.47.0"
-
-#: Statuses img2dataset writes into the per-shard parquet's `status` column.
-STATUSES = ("success", "failed_to_download", "failed_to_resize")
-
-#: img2dataset's defaults for `disallowed_header_directives` (X-Robots-Tag values we honour).
-DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 #: Column names img2dataset reserves for itself (`img2dataset.main.arguments_validator`).
 RESERVED_COLUMNS = frozenset(
@@ -87,11 +77,6 @@ RESERVED_COLUMNS = frozenset(
         "sha512",
     }
 )
-
-_RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
-_ENCODE_FORMATS = ("jpg", "png", "webp")
-_HASHES = (None, "md5", "sha256", "sha512")
-
 
 def check_img2dataset_version(installed: str) -> None:
     """Refuse any img2dataset but the pinned one: we call its internals, which change without notice."""
@@ -124,87 +109,6 @@ def _img2dataset() -> dict[str, ModuleType]:
     from img2dataset import downloader, resizer, writer
 
     return {"downloader": downloader, "resizer": resizer, "writer": writer}
-
-
-@dataclass(frozen=True)
-class DownloadOptions:
-    """How images are fetched and re-encoded; defaults are LAION-400M's (256px, border, jpg q95).
-
-    `max_image_area` is in pixels of the ORIGINAL image, read from its header before anything decodes
-    it: the guard against decompression bombs. `timeout` is seconds per socket operation, `deadline`
-    seconds per image in all, `max_bytes` the largest body read, `max_redirects` the hops followed;
-    `buffer_bytes` bounds the bodies a shard holds in memory at once (downloaded, not yet written).
-    Downloads reach global addresses only; `allow_networks` (CIDRs) opens exceptions, by default those
-    of `LAION_VQ_DOWNLOAD_ALLOW_NETWORKS` (tests and the demo open their loopback server that way).
-    `compute_hash` stores that hash of the downloaded (original) bytes in the parquet/json, as
-    img2dataset's `download()` does by default ("sha256"): it identifies the source image for dedup
-    and provenance.
-    """
-
-    image_size: int = 256
-    resize_mode: str = "border"
-    resize_only_if_bigger: bool = False
-    upscale_interpolation: str = "lanczos"
-    downscale_interpolation: str = "area"
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    timeout: float = 10
-    deadline: float = 30
-    max_bytes: int = 20_000_000
-    max_redirects: int = 3
-    buffer_bytes: int = 512_000_000
-    allow_networks: tuple[str, ...] = field(
-        default_factory=lambda: tuple(settings.DOWNLOAD_ALLOW_NETWORKS.get_str().split(","))
-    )
-    retries: int = 0
-    thread_count: int = 32
-    max_image_area: float = 100_000_000
-    max_aspect_ratio: float = float("inf")
-    min_image_size: int = 0
-    user_agent_token: str | None = "img2dataset"
-    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_HEADER_DIRECTIVES
-    compute_hash: str | None = "sha256"
-    extract_exif: bool = True
-
-    def __post_init__(self) -> None:
-        # Fail at configuration time, not halfway through a 10,000-image shard.
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
-        if self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.encode_format not in _ENCODE_FORMATS:
-            raise ValueError(f"encode_format must be one of {_ENCODE_FORMATS}, got {self.encode_format!r}")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.thread_count < 1:
-            raise ValueError(f"thread_count must be >= 1, got {self.thread_count}")
-        if self.max_image_area <= 0:
-            raise ValueError(f"max_image_area must be > 0 pixels, got {self.max_image_area}")
-        if self.compute_hash not in _HASHES:
-            raise ValueError(f"compute_hash must be one of {_HASHES}, got {self.compute_hash!r}")
-        if isinstance(self.disallowed_header_directives, str):
-            raise ValueError("disallowed_header_directives must be a sequence of directives, not a string")
-        # Accept lists (or a comma-separated string of CIDRs) but store tuples so the options stay hashable.
-        object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
-        networks = parse_networks(self.allow_networks)  # a bad CIDR fails here, naming it
-        object.__setattr__(self, "allow_networks", tuple(str(n) for n in networks))
-        self.fetch_limits()  # validates deadline, max_bytes, max_redirects
-        if self.buffer_bytes < self.max_bytes:
-            raise ValueError(f"buffer_bytes ({self.buffer_bytes}) must hold at least one max_bytes body")
-
-    def fetch_limits(self) -> FetchLimits:
-        """What the guard enforces for each image of a shard."""
-        return FetchLimits(
-            timeout=self.timeout,
-            deadline=self.deadline,
-            max_bytes=self.max_bytes,
-            max_redirects=self.max_redirects,
-            policy=AddressPolicy.from_cidrs(self.allow_networks),
-            user_agent_token=None if self.user_agent_token is None else self.user_agent_token.strip().lower(),
-            disallowed_directives=frozenset(d.strip().lower() for d in self.disallowed_header_directives),
-        )
 
 
 @dataclass
@@ -267,8 +171,8 @@ def download_shard(
 
     Writes `{shard}.tar` (webdataset: `<key>.jpg/.txt/.json` per success), `{shard}.parquet` (one
     status row per input row) and `{shard}_stats.json` into the LOCAL directory `output_dir`; moving
-    them to final storage is the caller's job. Parquet rows and tar members come in completion order,
-    not input order: join on `key` (see `expected_key`). Columns of `additional_columns` that `rows`
+    them to final storage is the caller's job. The status parquet is sorted by key; tar members come
+    in completion order: join on `key` (see `expected_key`). Columns of `additional_columns` that `rows`
     lacks are skipped (LAION parts vary). Any error propagates; on error, or if the outputs do not
     account for every input row, the shard's partial outputs are removed and an exception is raised,
     so a partial shard is never reported as done.
@@ -303,18 +207,11 @@ def download_shard(
             )
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
-        stats = _verify_outputs(
-            tar_path,
-            parquet_path,
-            stats_path,
-            shard_id,
-            table.num_rows,
-            samples_per_shard,
-            shard_digits,
-            options.encode_format,
-            set(digests),
+        expected = {expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(table.num_rows)}
+        stats = verify_shard_files(
+            tar_path, parquet_path, stats_path, shard_id, expected, options.encode_format, set(digests)
         )
-        failures_by_reason, failure_examples = _annotate_status(parquet_path, stats_path, digests)
+        failures_by_reason, failure_examples = annotate_status(parquet_path, stats_path, digests)
     except BaseException:
         _remove(outputs)
         raise
@@ -548,96 +445,6 @@ class _CheckedResizer:
         if problem is not None:
             return None, None, None, None, None, problem
         return self.resizer(img_stream if prepared is data else io.BytesIO(prepared), blurring_bbox_list)
-
-
-def _verify_outputs(
-    tar_path: str,
-    parquet_path: str,
-    stats_path: str,
-    shard_id: int,
-    num_rows: int,
-    samples_per_shard: int,
-    shard_digits: int,
-    encode_format: str,
-    hashed_keys: set[str],
-) -> dict[str, Any]:
-    """Check the three outputs account for every input row, and that the tar's images are the ones
-    the writer hashed; img2dataset skips a sample whose handling raised (it only prints), which would
-    otherwise look like a complete shard."""
-    missing = [p for p in (tar_path, parquet_path, stats_path) if not os.path.isfile(p)]
-    if missing:
-        raise RuntimeError(f"img2dataset did not write {missing} for shard {shard_id}")
-    with open(stats_path, encoding="utf-8") as f:
-        stats = json.load(f)
-    failures = stats["failed_to_download"] + stats["failed_to_resize"]
-    if stats["count"] != num_rows or stats["successes"] + failures != num_rows:
-        raise RuntimeError(
-            f"shard {shard_id}: stats do not reconcile with {num_rows} input rows: count={stats['count']} "
-            f"successes={stats['successes']} failed_to_download={stats['failed_to_download']} "
-            f"failed_to_resize={stats['failed_to_resize']}"
-        )
-    status = pq.read_table(parquet_path, columns=["key", "status"])
-    if status.num_rows != num_rows:
-        raise RuntimeError(
-            f"shard {shard_id}: status parquet has {status.num_rows} rows for {num_rows} input rows "
-            "(img2dataset dropped samples whose handling failed; see its printed tracebacks)"
-        )
-    keys = status.column("key").to_pylist()
-    expected = {expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(num_rows)}
-    if set(keys) != expected or len(keys) != num_rows:
-        raise RuntimeError(f"shard {shard_id}: status parquet keys are not the expected {num_rows} keys")
-    statuses = status.column("status").to_pylist()
-    unknown = set(statuses) - set(STATUSES)
-    if unknown:
-        raise RuntimeError(
-            f"shard {shard_id}: unexpected statuses {sorted(map(str, unknown))} in the parquet"
-        )
-    parquet_successes = statuses.count("success")
-    if parquet_successes != stats["successes"]:
-        raise RuntimeError(
-            f"shard {shard_id}: parquet has {parquet_successes} successes, stats say {stats['successes']}"
-        )
-    suffix = f".{encode_format}"
-    try:
-        with tarfile.open(tar_path, "r:") as tar:  # headers only: the writer hashed the bytes it stored
-            tar_keys = {m.name.removesuffix(suffix) for m in tar if m.isfile() and m.name.endswith(suffix)}
-    except tarfile.TarError as err:
-        raise RuntimeError(f"shard {shard_id}: {tar_path} is not a readable tar: {err}") from err
-    success_keys = {k for k, st in zip(keys, statuses, strict=True) if st == "success"}
-    if not tar_keys == success_keys == hashed_keys:
-        raise RuntimeError(
-            f"shard {shard_id}: tar holds {len(tar_keys)} images, the parquet {len(success_keys)} successes, "
-            f"the writer stored {len(hashed_keys)} ({len(tar_keys ^ success_keys)} keys differ)"
-        )
-    return stats
-
-
-def _annotate_status(
-    parquet_path: str, stats_path: str, digests: dict[str, str], examples_per_reason: int = 3
-) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """Sort the status parquet by key and add `failure_reason` and `jpg_sha256`; record the reason
-    counts and the first failing URLs per reason in the stats json (key `laion_vq`)."""
-    table = pq.read_table(parquet_path).sort_by("key")
-    messages = table.column("error_message").to_pylist()
-    statuses = table.column("status").to_pylist()
-    reasons = [None if st == "success" else normalise(m) or st for st, m in zip(statuses, messages, strict=True)]
-    keys = table.column("key").to_pylist()
-    table = table.append_column("failure_reason", pa.array(reasons, pa.string()))
-    table = table.append_column("jpg_sha256", pa.array([digests.get(k) for k in keys], pa.string()))
-    pq.write_table(table, parquet_path)
-
-    counts = Counter(r for r in reasons if r is not None)
-    by_reason = dict(counts.most_common())
-    examples: dict[str, list[str]] = {}
-    for reason, url in zip(reasons, table.column("url").to_pylist(), strict=True):
-        if reason is not None and len(examples.setdefault(reason, [])) < examples_per_reason:
-            examples[reason].append(url)
-    with open(stats_path, encoding="utf-8") as f:
-        stats = json.load(f)
-    stats["laion_vq"] = {"failures_by_reason": by_reason, "failure_examples": examples}
-    with open(stats_path, "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
-    return by_reason, examples
 
 
 @functools.cache
