@@ -1,0 +1,29 @@
+"""The three shard stages as plain functions: metadata slice → image tar → code parquet.
+
+No Dagster here: the assets call these and turn the returned numbers into materialization
+metadata, and benchmarks or scripts can call them directly. One module per stage.
+"""
+
+from laion_vq.stages.codes import CodeShardResult, encode_code_shard
+from laion_vq.stages.images import (
+    SCRATCH_PREFIX,
+    ImageShardResult,
+    WorseDownloadError,
+    download_image_shard,
+    refuse_worse_download,
+    remove_stale_scratch,
+)
+from laion_vq.stages.metadata import MetadataShardResult, write_metadata_shard
+
+__all__ = [
+    "SCRATCH_PREFIX",
+    "CodeShardResult",
+    "ImageShardResult",
+    "MetadataShardResult",
+    "WorseDownloadError",
+    "download_image_shard",
+    "encode_code_shard",
+    "refuse_worse_download",
+    "remove_stale_scratch",
+    "write_metadata_shard",
+]

@@ -1,0 +1,188 @@
+"""Stage 3: encode shard N's downloaded images with the VQGAN and publish `codes/<model>/NNNNN.parquet`."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from laion_vq.shards.codes import build_codes_table, check_codes_table, write_codes_parquet
+from laion_vq.shards.storage import StorageLayout, read_bytes, size
+from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
+from laion_vq.stages.upstream import require_upstream
+
+
+@dataclass
+class CodeShardResult:
+    shard_id: int
+    path: str
+    status_rows: int
+    downloaded: int
+    encoded: int
+    undecodable: dict[str, int]
+    undecodable_keys: list[str]
+    bytes: int
+    seconds: float
+    encode_seconds: float
+    distinct_codes: int
+    code_usage: np.ndarray | None = field(default=None, repr=False)
+    #: the first `keep_samples` encoded images and their codes, for previews
+    sample_images: np.ndarray | None = field(default=None, repr=False)
+    sample_codes: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds else 0.0
+
+
+def _decode_rgb(data: bytes, image_size: int) -> np.ndarray:
+    """JPEG bytes → HxWx3 uint8; wrong size or undecodable is a ValueError with the reason."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        raise ValueError(f"image is {rgb.size[0]}x{rgb.size[1]}, expected {image_size}x{image_size}")
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
+    url = layout.image_status(shard_id)
+    require_upstream(url, "image_tars", read=False)
+    try:
+        table = pq.read_table(io.BytesIO(read_bytes(url)))
+    except Exception as err:  # noqa: BLE001 - any read failure means the shard cannot be trusted
+        raise CorruptShardError(f"{url}: unreadable img2dataset status parquet: {err}") from err
+    if "key" not in table.column_names or "status" not in table.column_names:
+        raise CorruptShardError(f"{url}: status parquet lacks key/status columns: {table.column_names}")
+    return {row["key"]: row for row in table.to_pylist()}
+
+
+def encode_code_shard(
+    layout: StorageLayout,
+    shard_id: int,
+    *,
+    model_name: str,
+    encode: Callable[[np.ndarray], np.ndarray],
+    grid: int,
+    n_embed: int,
+    image_size: int = 256,
+    batch_size: int = 64,
+    provenance: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+    keep_samples: int = 0,
+) -> CodeShardResult:
+    """Encode every downloaded image of the shard and publish `codes/<model>/NNNNN.parquet`.
+
+    `encode` maps an (N, S, S, 3) uint8 batch to (N, grid, grid) integer codes. Images that fail to
+    decode are counted by reason and listed, never dropped silently; a tar that disagrees with its status
+    parquet, or output that breaks the contract, raises CorruptShardError and publishes nothing.
+    """
+    start = time.perf_counter()
+    status = _status_rows(layout, shard_id)
+    success_keys = {k for k, row in status.items() if row["status"] == "success"}
+    tar_url = layout.image_tar(shard_id)
+    require_upstream(tar_url, "image_tars", read=False)
+
+    keys: list[str] = []
+    codes: list[np.ndarray] = []
+    samples: list[np.ndarray] = []
+    undecodable: Counter[str] = Counter()
+    undecodable_keys: list[str] = []
+    tar_keys: set[str] = set()
+    encode_seconds = 0.0
+    pending: list[tuple[str, bytes]] = []
+
+    def flush(pool: ThreadPoolExecutor) -> None:
+        nonlocal encode_seconds
+        decoded = list(pool.map(lambda kv: _safe_decode(kv, image_size), pending))
+        batch_keys = [k for k, img, _ in decoded if img is not None]
+        for k, img, reason in decoded:
+            if img is None:
+                undecodable[reason] += 1
+                undecodable_keys.append(k)
+        if batch_keys:
+            batch = np.stack([img for _, img, _ in decoded if img is not None])
+            t0 = time.perf_counter()
+            out = np.asarray(encode(batch))
+            encode_seconds += time.perf_counter() - t0
+            if out.shape != (len(batch_keys), grid, grid):
+                raise RuntimeError(f"encoder returned shape {out.shape}, expected {(len(batch_keys), grid, grid)}")
+            keys.extend(batch_keys)
+            codes.append(out)
+            if len(samples) < keep_samples:
+                samples.extend(batch[: keep_samples - len(samples)])
+        pending.clear()
+        if progress is not None:
+            progress(f"shard {shard_id:05d}: {len(keys)} encoded, {sum(undecodable.values())} undecodable")
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for sample in iter_samples(tar_url):
+            tar_keys.add(sample.key)
+            image = sample.image
+            if image is None:
+                undecodable["no image file in tar sample"] += 1
+                undecodable_keys.append(sample.key)
+                continue
+            pending.append((sample.key, image))
+            if len(pending) >= batch_size:
+                flush(pool)
+        if pending:
+            flush(pool)
+
+    if tar_keys != success_keys:
+        only_tar, only_status = sorted(tar_keys - success_keys), sorted(success_keys - tar_keys)
+        raise CorruptShardError(
+            f"{tar_url}: tar and status parquet disagree: {len(only_tar)} key(s) only in the tar "
+            f"(e.g. {only_tar[:3]}), {len(only_status)} success key(s) missing from the tar (e.g. {only_status[:3]})"
+        )
+
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, grid, grid), np.int16)
+    table = build_codes_table(keys, all_codes, status)
+    report = check_codes_table(table, shard_id, grid, n_embed)
+    if not report.ok:
+        raise CorruptShardError(f"shard {shard_id:05d}: encoded output breaks the contract: {report.problems}")
+    dest = layout.code_shard(model_name, shard_id)
+    file_meta = {
+        "model": model_name,
+        "grid": grid,
+        "n_embed": n_embed,
+        "shard": f"{shard_id:05d}",
+        "source_tar_bytes": size(tar_url),
+        "undecodable": dict(undecodable),
+        **(provenance or {}),
+    }
+    nbytes = write_codes_parquet(table, dest, file_meta)
+    return CodeShardResult(
+        shard_id=shard_id,
+        path=dest,
+        status_rows=len(status),
+        downloaded=len(success_keys),
+        encoded=table.num_rows,
+        undecodable=dict(undecodable),
+        undecodable_keys=sorted(undecodable_keys),
+        bytes=nbytes,
+        seconds=time.perf_counter() - start,
+        encode_seconds=encode_seconds,
+        distinct_codes=report.distinct_codes,
+        code_usage=report.usage,
+        sample_images=np.stack(samples) if samples else None,
+        sample_codes=all_codes[: len(samples)] if samples else None,
+    )
+
+
+def _safe_decode(item: tuple[str, bytes], image_size: int) -> tuple[str, np.ndarray | None, str]:
+    key, data = item
+    try:
+        return key, _decode_rgb(data, image_size), ""
+    except Exception as err:  # noqa: BLE001 - every decode failure is counted by its reason
+        reason = re.sub(r"\s*<[^>]*>|0x[0-9a-fA-F]+", "", str(err)).strip()[:120]
+        return key, None, f"{type(err).__name__}: {reason}" if reason else type(err).__name__

@@ -1,0 +1,197 @@
+"""Stage 2: download shard N's images with img2dataset (guarded) and publish tar, status and stats.
+
+A re-download much worse than the stored shard is refused, never published over it; scratch folders of
+download processes that died are cleaned up by the next download.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from laion_vq import settings
+from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
+from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes
+from laion_vq.stages.upstream import require_upstream
+
+
+@dataclass
+class ImageShardResult:
+    shard_id: int
+    tar_path: str
+    status_path: str
+    stats_path: str
+    rows: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    failures_by_reason: dict[str, int]
+    bytes_tar: int
+    seconds: float
+    #: reason → the first few failing URLs (by key), for a person to try in a browser
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    #: the success rate of the shard this download replaced (None: there was none)
+    previous_success_rate: float | None = None
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.rows if self.rows else 0.0
+
+
+class WorseDownloadError(RuntimeError):
+    """A re-download that would replace a good stored shard with a much worse one (kept out)."""
+
+
+def _stored_success_rate(layout: StorageLayout, shard_id: int) -> tuple[int, int] | None:
+    """(successes, rows) of the shard already on storage, from its stats json; None if there is none."""
+    url = layout.image_stats(shard_id)
+    if not exists(url):
+        return None
+    try:
+        stats = json.loads(read_bytes(url))
+        return int(stats["successes"]), int(stats["count"])
+    except (ValueError, KeyError, TypeError):
+        return None  # an unreadable record protects nothing; the audit reports it
+
+
+def refuse_worse_download(
+    shard_id: int, previous: tuple[int, int] | None, result: ImageShardResult, min_rate_ratio: float
+) -> None:
+    """Raise WorseDownloadError when `result` would replace a stored shard that had successes with one
+    that has none, or whose success rate is below `min_rate_ratio` × the stored one (a dead network,
+    a blocked crawler, an outage at the image host: not a web that lost its images overnight)."""
+    if previous is None or previous[0] == 0 or previous[1] == 0:
+        return
+    before = previous[0] / previous[1]
+    if result.successes > 0 and result.success_rate >= min_rate_ratio * before:
+        return
+    causes = ", ".join(f"{reason} ×{n}" for reason, n in list(result.failures_by_reason.items())[:3])
+    raise WorseDownloadError(
+        f"shard {shard_id:05d}: the re-download got {result.successes}/{result.rows} images "
+        f"({result.success_rate:.0%}) where the stored shard has {previous[0]}/{previous[1]} ({before:.0%}); "
+        f"main failures now: {causes or 'none'}. The stored shard is kept. If the images are really gone, "
+        f"re-run with {settings.DOWNLOAD_REPLACE_WORSE.env}=1 (or the downloader resource's replace_worse)."
+    )
+
+
+@contextmanager
+def _watch_scratch(scratch: str, shard_id: int, progress: Callable[[str], None] | None, every: float = 30.0):
+    """While img2dataset works (it reports nothing until the shard is done), log the growing tar's size."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def watch() -> None:
+        while not stop.wait(every):
+            tar_bytes = sum(e.stat().st_size for e in os.scandir(scratch) if e.name.endswith(".tar"))
+            elapsed = time.perf_counter() - start
+            progress(f"shard {shard_id:05d}: {tar_bytes / 1e6:.1f} MB of images after {elapsed:.0f}s")
+
+    thread = threading.Thread(target=watch, name=f"progress-{shard_id:05d}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+SCRATCH_PREFIX = "laion_vq_dl_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(root: str | None = None) -> list[str]:
+    """Remove the scratch folders of download processes that died (SIGKILL, OOM): their partial tars
+    never reach storage, but would fill the worker's disk. Returns the folders removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            match = re.match(rf"{SCRATCH_PREFIX}\d+_(\d+)_", entry.name)
+            if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
+def download_image_shard(
+    layout: StorageLayout,
+    shard_id: int,
+    samples_per_shard: int,
+    options: object | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every: float = 30.0,
+    min_rate_ratio: float = 0.5,
+    replace_worse: bool = False,
+) -> ImageShardResult:
+    """Download the shard's images with img2dataset into a scratch folder, then publish the three files.
+
+    A re-download much worse than the stored shard (`refuse_worse_download`) publishes nothing and
+    raises, unless `replace_worse`. Publishing order is tar, status parquet, stats json; the encoder
+    cross-checks tar keys against the status parquet, so a crash between two publishes of a re-run is
+    caught there, not encoded.
+    """
+    from laion_vq.download import DownloadOptions, download_shard
+
+    remove_stale_scratch()
+    rows = pq.read_table(io.BytesIO(require_upstream(layout.metadata_shard(shard_id), "raw_metadata_shards")))
+    start = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{shard_id:05d}_{os.getpid()}_") as scratch,
+        _watch_scratch(scratch, shard_id, progress, progress_every),
+    ):
+        result = download_shard(
+            rows,
+            shard_id,
+            scratch,
+            samples_per_shard=samples_per_shard,
+            url_col=URL_COLUMN,
+            caption_col=CAPTION_COLUMN,
+            additional_columns=EXTRA_COLUMNS,
+            options=options or DownloadOptions(),
+        )
+        previous = _stored_success_rate(layout, shard_id)
+        summary = ImageShardResult(
+            shard_id=shard_id,
+            tar_path=layout.image_tar(shard_id),
+            status_path=layout.image_status(shard_id),
+            stats_path=layout.image_stats(shard_id),
+            rows=result.count,
+            successes=result.successes,
+            failed_to_download=result.failed_to_download,
+            failed_to_resize=result.failed_to_resize,
+            failures_by_reason=result.failures_by_reason,
+            failure_examples=result.failure_examples,
+            bytes_tar=result.bytes_tar,
+            seconds=0.0,
+            previous_success_rate=previous[0] / previous[1] if previous and previous[1] else None,
+        )
+        if not replace_worse:
+            refuse_worse_download(shard_id, previous, summary, min_rate_ratio)
+        summary.bytes_tar = publish_file(result.tar_path, layout.image_tar(shard_id))
+        publish_file(result.parquet_path, layout.image_status(shard_id))
+        publish_file(result.stats_path, layout.image_stats(shard_id))
+    summary.seconds = time.perf_counter() - start
+    return summary
