@@ -6,7 +6,7 @@ from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.assets.codes import GPU_TAGS
 from laion_vq.checks import code_parquets_contract, image_tars_complete
 from laion_vq.resources import default_resources
-from laion_vq.schedules import nightly_audit
+from laion_vq.schedules import download_missing_shards, nightly_audit
 
 #: Download runs: metadata slice + img2dataset per shard, in process (steps are long, start-up is not).
 download_job = dg.define_asset_job(
@@ -45,7 +45,7 @@ defs = dg.Definitions(
     assets=[raw_metadata_shards, image_tars, code_parquets],
     asset_checks=[code_parquets_contract, image_tars_complete],
     jobs=[download_job, encode_job, pipeline_job, check_job],
-    schedules=[nightly_audit(check_job)],
+    schedules=[nightly_audit(check_job), download_missing_shards(download_job)],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

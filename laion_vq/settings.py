@@ -89,6 +89,12 @@ DOWNLOAD_REPLACE_WORSE = Setting(
 DOWNLOAD_SHARDS_PER_RUN = Setting(
     "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN", 4, "backfill: shards per metadata+download run"
 )
+SCHEDULE_SHARDS_PER_TICK = Setting(
+    "LAION_VQ_SCHEDULE_SHARDS_PER_TICK", 64, "download_missing_shards schedule: shards requested per tick"
+)
+SCHEDULE_MAX_FAILURES = Setting(
+    "LAION_VQ_SCHEDULE_MAX_FAILURES", 3, "the schedule skips a shard whose download failed this many times"
+)
 ENCODE_SHARDS_PER_RUN = Setting(
     "LAION_VQ_ENCODE_SHARDS_PER_RUN", 32, "backfill: shards per encoder run (one model load each)"
 )
@@ -116,6 +122,8 @@ ALL_SETTINGS = (
     DOWNLOAD_REPLACE_WORSE,
     DOWNLOAD_SHARDS_PER_RUN,
     ENCODE_SHARDS_PER_RUN,
+    SCHEDULE_SHARDS_PER_TICK,
+    SCHEDULE_MAX_FAILURES,
 )
 
 #: Fixed by the LAION-400M tars: longest side to 256, white border, JPEG quality 95.

@@ -1,8 +1,10 @@
-"""Shared fixtures: a loopback image server and a small random-weight checkpoint (real format)."""
+"""Shared fixtures: a loopback image server, a small random-weight checkpoint (real format) and a Dagster
+instance on the real PostgreSQL."""
 
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -42,3 +44,36 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
     path = str(tmp_path_factory.mktemp("ckpt") / f"{TINY_MODEL}-random.ckpt")
     return save_random_checkpoint(get_model_config(TINY_MODEL), path, seed=0)
+
+
+@pytest.fixture()
+def postgres_instance(tmp_path):
+    """A Dagster instance on the machine's real PostgreSQL, in a fresh database dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    params = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("PGUSER", "postgres"), "dbname": "test"}
+    try:
+        admin = psycopg2.connect(**params, connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {err}")
+    admin.autocommit = True
+    db = f"laion_vq_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {db}")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"      hostname: 127.0.0.1\n      port: 5432\n      username: {params['user']}\n"
+        f"      password: ''\n      db_name: {db}\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        yield instance
+    finally:
+        instance.dispose()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
