@@ -5,16 +5,19 @@ No Dagster here; `laion_vq.checks` turns these reports into asset-check results.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.shards.codes import check_codes_table, read_codes_provenance
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.storage import StorageLayout, exists, filesystem, read_bytes, size
+from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
 
 @dataclass
@@ -83,12 +86,48 @@ def audit_code_shards(
     return report
 
 
+def tar_problems(tar_url: str, status: pa.Table) -> list[str]:
+    """What is wrong with a shard's tar against its status parquet, each naming the first bad key: it
+    must read to the end, hold one image + caption + json per success key and nothing else, and each
+    image's bytes must hash to the `jpg_sha256` recorded at download (where the column exists)."""
+    rows = status.select([c for c in ("key", "status", "jpg_sha256") if c in status.column_names]).to_pylist()
+    expected = {row["key"]: row.get("jpg_sha256") for row in rows if row["status"] == "success"}
+    seen: set[str] = set()
+    incomplete: list[str] = []
+    mismatched: list[str] = []
+    unexpected: list[str] = []
+    try:
+        for sample in iter_samples(tar_url):
+            seen.add(sample.key)
+            if sample.key not in expected:
+                unexpected.append(sample.key)
+                continue
+            if sample.image is None or "txt" not in sample.files or "json" not in sample.files:
+                incomplete.append(sample.key)
+            elif expected[sample.key] and hashlib.sha256(sample.image).hexdigest() != expected[sample.key]:
+                mismatched.append(sample.key)
+    except CorruptShardError as err:
+        return [f"tar unreadable: {err}"]
+    problems = []
+    missing = sorted(set(expected) - seen)
+    for label, keys in (
+        ("success key(s) missing from the tar", missing),
+        ("tar sample(s) without a success row", unexpected),
+        ("sample(s) lacking image, caption or json", incomplete),
+        ("image(s) whose bytes differ from the sha256 recorded at download", mismatched),
+    ):
+        if keys:
+            problems.append(f"{len(keys)} {label}, first {keys[0]}")
+    return problems
+
+
 def audit_image_shards(
     layout: StorageLayout, min_success_rate: float, only: Sequence[str] | None = None
 ) -> AuditReport:
     """Every downloaded shard: status parquet readable with one row per metadata row, img2dataset's stats
-    agreeing with it, a tar present; success rates below `min_success_rate` are warnings (dead links
-    are normal on LAION, a shard at 5% usually means a network problem worth a retry)."""
+    agreeing with it, a tar that reads to the end and holds exactly the recorded images (`tar_problems`);
+    success rates below `min_success_rate` are warnings (dead links are normal on LAION, a shard at 5%
+    usually means a network problem worth a retry)."""
     report = AuditReport()
     for key in _shard_files(layout.images_dir(), ".parquet", only):
         report.shards_checked += 1
@@ -98,7 +137,7 @@ def audit_image_shards(
             continue
         try:
             shard = parse_shard_key(key)
-            status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(shard))), columns=["key", "status"])
+            status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(shard))))
         except Exception as err:  # noqa: BLE001 - unreadable means corrupted
             report.corrupted[key] = [f"unreadable status parquet: {err}"]
             continue
@@ -113,6 +152,8 @@ def audit_image_shards(
             problems.append("tar missing")
         elif successes and size(layout.image_tar(shard)) == 0:
             problems.append(f"tar is empty but {successes} successes are recorded")
+        else:
+            problems.extend(tar_problems(layout.image_tar(shard), status))
         if exists(layout.image_stats(shard)):
             stats = json.loads(read_bytes(layout.image_stats(shard)))
             if (stats.get("count"), stats.get("successes")) != (rows, successes):
