@@ -133,10 +133,10 @@ def _message(item: Recovered) -> str:
     pids = ", ".join(str(p) for p in item.pids) or "unknown"
     slots = ", ".join(item.slots) or "none"
     return (
-        f"Run worker gone: process {pids} on {socket.gethostname()} no longer exists (killed by SIGKILL, the "
-        f"OOM killer, a closed shell or a lost machine) and no daemon watched this run. Marked failed by "
-        f"`{COMMAND}`, which freed its pool slots ({slots}). Partitions {item.partitions} are not done: "
-        f"materialize them again."
+        f"Run worker gone: process {pids} on {socket.gethostname()} no longer exists (it was killed — SIGKILL, "
+        f"the OOM killer, a closed shell — or its machine went away) and nothing was watching this run. Marked "
+        f"failed by `{COMMAND}`, which freed its pool slots ({slots}). Partitions {item.partitions} are not "
+        f"done: materialize them again."
     )
 
 
@@ -205,7 +205,7 @@ def recover(
 
 
 def report(items: list[Recovered], dry_run: bool, echo: Callable[[str], None] = print) -> None:
-    would = "would " if dry_run else ""
+    marked, freed = ("would mark", "would free") if dry_run else ("marked", "freed")
     if not items:
         echo("no dead runs and no slots held by finished runs")
     for item in items:
@@ -216,13 +216,17 @@ def report(items: list[Recovered], dry_run: bool, echo: Callable[[str], None] = 
         what = []
         if item.marked_failed:
             pids = ", ".join(str(p) for p in item.pids) or "none recorded"
-            what.append(f"worker pid {pids} gone; {would}mark FAILURE")
-        what.append(f"{would}free {len(item.slots)} slot(s)" + (f": {', '.join(item.slots)}" if item.slots else ""))
+            what.append(f"worker pid {pids} gone; {marked} FAILURE")
+        what.append(f"{freed} {len(item.slots)} slot(s)" + (f": {', '.join(item.slots)}" if item.slots else ""))
         echo(f"{head}: " + "; ".join(what))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=COMMAND,
+        description="Mark FAILURE the runs whose worker process is gone from this machine and free their pool "
+        "slots (and slots still held by finished runs). Uses DAGSTER_HOME like the dagster CLI.",
+    )
     parser.add_argument("--run-id", action="append", default=[], help="only this run (repeatable); fails it "
                         "even if a run launcher started it, unless its worker is alive on this machine")
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
