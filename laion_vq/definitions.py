@@ -4,6 +4,7 @@ import dagster as dg
 
 from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.assets.codes import GPU_TAGS
+from laion_vq.automation import shard_automation
 from laion_vq.checks import code_parquets_contract, image_tars_complete
 from laion_vq.resources import default_resources
 from laion_vq.schedules import download_missing_shards, nightly_audit
@@ -46,6 +47,7 @@ defs = dg.Definitions(
     asset_checks=[code_parquets_contract, image_tars_complete],
     jobs=[download_job, encode_job, pipeline_job, check_job],
     schedules=[nightly_audit(check_job), download_missing_shards(download_job)],
+    sensors=[shard_automation],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

@@ -74,6 +74,7 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
     backfill_policy=ENCODE_BACKFILL_POLICY,
     pool="gpu",
     op_tags=GPU_TAGS,
+    automation_condition=dg.AutomationCondition.eager(),  # acted on by the `shard_automation` sensor
     group_name="laion",
     kinds={"pytorch", "parquet"},
     description=__doc__,

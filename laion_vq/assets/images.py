@@ -36,6 +36,7 @@ def _metadata(result: ImageShardResult) -> dict:
     deps=[raw_metadata_shards],
     backfill_policy=DOWNLOAD_BACKFILL_POLICY,
     pool="download",
+    automation_condition=dg.AutomationCondition.eager(),  # acted on by the `shard_automation` sensor
     group_name="laion",
     kinds={"webdataset"},
     description=__doc__,
