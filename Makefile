@@ -36,7 +36,7 @@ test: install-dev lint
 	$(BIN)/python -m pytest -q --durations=15
 
 ui: install
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.demo/dagster_home} $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.demo/dagster_home} $(BIN)/dg dev --host 127.0.0.1
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

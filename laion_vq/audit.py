@@ -1,6 +1,6 @@
 """Audits of what is on storage, shard by shard: which shards are corrupted, and why.
 
-No Dagster here; `laion_vq.checks` turns these reports into asset-check results.
+No Dagster here; `laion_vq.defs.checks` turns these reports into asset-check results.
 """
 
 from __future__ import annotations

@@ -1,46 +1,17 @@
-"""The laion_vq code location: `dagster dev -m laion_vq.definitions` (or `workspace.yaml`)."""
+"""The laion_vq code location: `dg dev` (or `dagster dev -m laion_vq.definitions`, `workspace.yaml`).
+
+Only assembles: every definition lives in `laion_vq.defs` (assets, checks, jobs, schedules, the
+automation sensor, resources), over the Dagster-free core (`vqgan`, `shards`, `download`, `stages`).
+"""
 
 import dagster as dg
 
-from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.assets.codes import GPU_TAGS
-from laion_vq.automation import shard_automation
-from laion_vq.checks import code_parquets_contract, image_tars_complete
-from laion_vq.resources import default_resources
-from laion_vq.schedules import download_missing_shards, nightly_audit
-
-#: Download runs: metadata slice + img2dataset per shard, in process (steps are long, start-up is not).
-download_job = dg.define_asset_job(
-    "download_shards",
-    selection=[raw_metadata_shards, image_tars],
-    executor_def=dg.in_process_executor,
-    description="Slice LAION metadata and download the shard's images with img2dataset.",
-)
-
-#: Encoder runs carry the GPU run tags so a run launcher (k8s, ECS) can place the whole run on a GPU host.
-encode_job = dg.define_asset_job(
-    "encode_shards",
-    selection=dg.AssetSelection.assets(code_parquets),
-    executor_def=dg.in_process_executor,
-    tags={k: v for k, v in GPU_TAGS.items()},
-    description="Encode downloaded shards with the VQGAN (GPU pool).",
-)
-
-#: The whole chain for a shard, e.g. `dagster job launch`/materialize from a shell or the demo.
-pipeline_job = dg.define_asset_job(
-    "laion_vq_pipeline",
-    selection=[raw_metadata_shards, image_tars, code_parquets],
-    executor_def=dg.in_process_executor,
-    description="Metadata → image tar → VQGAN codes for the selected shard(s).",
-)
-
-#: The audits over every shard on storage; run on demand or from a schedule.
-check_job = dg.define_asset_job(
-    "audit_shards",
-    selection=dg.AssetSelection.checks(code_parquets_contract, image_tars_complete),
-    executor_def=dg.in_process_executor,
-    description="Audit every image tar and code parquet on storage and list the corrupted shards.",
-)
+from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.automation import shard_automation
+from laion_vq.defs.checks import code_parquets_contract, image_tars_complete
+from laion_vq.defs.jobs import check_job, download_job, encode_job, pipeline_job
+from laion_vq.defs.resources import default_resources
+from laion_vq.defs.schedules import download_missing_shards, nightly_audit
 
 defs = dg.Definitions(
     assets=[raw_metadata_shards, image_tars, code_parquets],

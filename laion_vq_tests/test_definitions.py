@@ -74,9 +74,17 @@ def test_bad_integer_setting_names_the_variable():
     assert out.returncode != 0 and "LAION_VQ_NUM_SHARDS must be an integer" in out.stderr
 
 
+CLIS = {
+    "dagster": ["dagster", "asset", "materialize", "-m", "laion_vq.definitions", "--select", "*"],
+    "dg": ["dg", "launch", "--assets", "*"],
+}
+
+
 @pytest.mark.timeout(300)
-def test_cli_materializes_all_three_assets_for_a_shard(tmp_path, image_server, tiny_checkpoint):
-    """`dagster asset materialize -m laion_vq.definitions --select '*' --partition 00000` from a shell."""
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_cli_materializes_all_three_assets_for_a_shard(tmp_path, image_server, tiny_checkpoint, cli):
+    """From a shell, as the README says: `dagster asset materialize -m laion_vq.definitions --select '*'
+    --partition 00000`, and the `dg` project's `dg launch --assets '*' --partition 00000`."""
     from laion_vq.fixtures.demo_inputs import shard_urls
     from laion_vq.fixtures.synthetic_metadata import write_parts
 
@@ -96,8 +104,7 @@ def test_cli_materializes_all_three_assets_for_a_shard(tmp_path, image_server, t
             "LAION_VQ_DEVICE": "cpu",
         }
     )
-    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
-    cmd = [dagster, "asset", "materialize", "-m", "laion_vq.definitions", "--select", "*", "--partition", "00000"]
+    cmd = [os.path.join(os.path.dirname(sys.executable), CLIS[cli][0]), *CLIS[cli][1:], "--partition", "00000"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     codes = tmp_path / "data" / "codes" / TINY_MODEL / "00000.parquet"

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from laion_vq.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.checks import code_parquets_contract
+from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.checks import code_parquets_contract
+from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.fixtures.demo_inputs import shard_urls
 from laion_vq.fixtures.synthetic_metadata import laion_table
-from laion_vq.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.shards.storage import StorageLayout, publish_file, read_bytes
 
 from .conftest import TINY_MODEL

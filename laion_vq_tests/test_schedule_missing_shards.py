@@ -13,7 +13,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from dagster._core.test_utils import create_run_for_test
 
 from laion_vq.definitions import defs
-from laion_vq.schedules import ShardBatch, next_missing_batches
+from laion_vq.defs.schedules import ShardBatch, next_missing_batches
 
 KEYS = [f"{i:05d}" for i in range(20)]
 

@@ -3,9 +3,9 @@
 import dagster as dg
 
 from laion_vq import settings
-from laion_vq.assets._runs import for_each_shard
-from laion_vq.partitions import shard_partitions
-from laion_vq.resources import LaionMetadataResource, StorageResource
+from laion_vq.defs.assets._runs import for_each_shard
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.defs.resources import LaionMetadataResource, StorageResource
 from laion_vq.stages import MetadataShardResult, write_metadata_shard
 
 #: Metadata and download share one policy so a backfill runs both for a batch of shards in one run.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from laion_vq.assets import code_parquets, image_tars
+from laion_vq.defs.assets import code_parquets, image_tars
 
 shard_automation = dg.AutomationConditionSensorDefinition(
     "shard_automation",

@@ -3,9 +3,9 @@
 import dagster as dg
 
 from laion_vq import settings
-from laion_vq.assets import code_parquets, image_tars
 from laion_vq.audit import AuditReport, audit_code_shards, audit_image_shards
-from laion_vq.resources import StorageResource, VQGANEncoderResource
+from laion_vq.defs.assets import code_parquets, image_tars
+from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 
 #: Below this a shard's download is flagged (WARN) as worth a retry; LAION-400M tars kept ~50–90%.
 MIN_SUCCESS_RATE = 0.3

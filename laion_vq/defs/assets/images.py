@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from laion_vq.assets._runs import for_each_shard
-from laion_vq.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
-from laion_vq.partitions import shard_partitions
-from laion_vq.resources import DownloaderResource, LaionMetadataResource, StorageResource
+from laion_vq.defs.assets._runs import for_each_shard
+from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource
 from laion_vq.stages import ImageShardResult, download_image_shard
 
 

@@ -10,11 +10,11 @@ import dagster as dg
 import numpy as np
 
 from laion_vq import settings
-from laion_vq.assets._runs import for_each_shard, throttled
-from laion_vq.assets.images import image_tars
-from laion_vq.partitions import shard_partitions
+from laion_vq.defs.assets._runs import for_each_shard, throttled
+from laion_vq.defs.assets.images import image_tars
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
-from laion_vq.resources import StorageResource, VQGANEncoderResource
 from laion_vq.stages import CodeShardResult, encode_code_shard
 
 ENCODE_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.ENCODE_SHARDS_PER_RUN.get_int())

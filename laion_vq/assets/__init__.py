@@ -1,7 +1,0 @@
-"""The three partitioned assets: raw_metadata_shards → image_tars → code_parquets."""
-
-from laion_vq.assets.codes import code_parquets
-from laion_vq.assets.images import image_tars
-from laion_vq.assets.metadata import raw_metadata_shards
-
-__all__ = ["code_parquets", "image_tars", "raw_metadata_shards"]

@@ -1,0 +1,7 @@
+"""The three partitioned assets: raw_metadata_shards → image_tars → code_parquets."""
+
+from laion_vq.defs.assets.codes import code_parquets
+from laion_vq.defs.assets.images import image_tars
+from laion_vq.defs.assets.metadata import raw_metadata_shards
+
+__all__ = ["code_parquets", "image_tars", "raw_metadata_shards"]
