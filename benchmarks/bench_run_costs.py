@@ -68,7 +68,7 @@ def probe(mode: str, checkpoint: str) -> None:
     else:
         import torch  # noqa: F401
 
-        from laion_vq.resources import VQGANEncoderResource
+        from laion_vq.defs.resources import VQGANEncoderResource
 
         out["imports_s"] = time.perf_counter() - t
         encoder = VQGANEncoderResource(checkpoint=checkpoint, device="cpu")
