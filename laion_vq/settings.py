@@ -96,7 +96,9 @@ SCHEDULE_MAX_FAILURES = Setting(
     "LAION_VQ_SCHEDULE_MAX_FAILURES", 3, "the schedule skips a shard whose download failed this many times"
 )
 ENCODE_SHARDS_PER_RUN = Setting(
-    "LAION_VQ_ENCODE_SHARDS_PER_RUN", 32, "backfill: shards per encoder run (one model load each)"
+    "LAION_VQ_ENCODE_SHARDS_PER_RUN",
+    256,
+    "backfill: shards per encoder run (one model load each; fixed costs ≤ 2% at 3,000 images/s, README)",
 )
 
 ALL_SETTINGS = (

@@ -19,7 +19,7 @@ ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 
 def test_backfill_never_puts_the_encoder_in_a_download_run():
     graph = defs.resolve_asset_graph()
-    shards = [f"{i:05d}" for i in range(100)]
+    shards = [f"{i:05d}" for i in range(1000)]
     requested = [AssetKeyPartitionKey(dg.AssetKey(a), s) for a in ASSETS for s in shards]
     with dg.instance_for_test() as instance:
         runs = build_run_requests_with_backfill_policies(requested, graph, instance)
@@ -39,6 +39,6 @@ def test_backfill_never_puts_the_encoder_in_a_download_run():
             assert keys == {"raw_metadata_shards", "image_tars"}
             download_runs.append(width)
             assert checks == {"image_tars_complete"}
-    # 100 shards: 25 download runs of 4 shards, 4 encoder runs of ≤ 32 shards (one model load each)
-    assert sorted(download_runs) == [4] * 25
-    assert sum(encode_runs) == 100 and max(encode_runs) == 32 and len(encode_runs) == 4
+    # 1,000 shards: 250 download runs of 4 shards, 4 encoder runs of ≤ 256 shards (one model load each)
+    assert sorted(download_runs) == [4] * 250
+    assert sum(encode_runs) == 1000 and max(encode_runs) == 256 and len(encode_runs) == 4
