@@ -54,6 +54,12 @@ SAMPLES_PER_SHARD = Setting("LAION_VQ_SAMPLES_PER_SHARD", DEFAULT_SAMPLES_PER_SH
 NUM_SHARDS = Setting("LAION_VQ_NUM_SHARDS", DEFAULT_NUM_SHARDS, "partition count: shards 00000 … N-1")
 MODEL = Setting("LAION_VQ_MODEL", "vqgan_gumbel_f8", "VQGAN config name from laion_vq.vqgan.registry")
 CHECKPOINT = Setting("LAION_VQ_CHECKPOINT", None, "path or URI of the model's checkpoint (last.ckpt)")
+CODES_NAME = Setting(
+    "LAION_VQ_CODES_NAME", None, "folder of the code parquets, codes/<name>/ (default: the model name)"
+)
+REPLACE_CODES = Setting(
+    "LAION_VQ_REPLACE_CODES", 0, "1: overwrite code parquets made by another checkpoint, precision or index rule"
+)
 DEVICE = Setting("LAION_VQ_DEVICE", "auto", "encoder device: auto (cuda if available), cpu, cuda, cuda:1 …")
 ENCODE_BATCH_SIZE = Setting("LAION_VQ_ENCODE_BATCH_SIZE", 64, "images per encoder forward pass")
 ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CUDA: fp32, bf16 or fp16")
@@ -108,6 +114,8 @@ ALL_SETTINGS = (
     NUM_SHARDS,
     MODEL,
     CHECKPOINT,
+    CODES_NAME,
+    REPLACE_CODES,
     DEVICE,
     ENCODE_BATCH_SIZE,
     ENCODE_DTYPE,

@@ -3,10 +3,19 @@ instance on the real PostgreSQL."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 import uuid
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+
+from laion_vq.shards.storage import StorageLayout
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -77,3 +86,44 @@ def postgres_instance(tmp_path):
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         admin.close()
+
+
+def _jpeg(seed: int, size: int = 256) -> bytes:
+    """A random-noise JPEG of the encoder's input size."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write_shard(layout: StorageLayout, shard: int, images: dict[str, bytes], failed: list[str]) -> None:
+    """A shard as img2dataset leaves it: tar of successes + status parquet of every row."""
+
+    os.makedirs(layout.images_dir(), exist_ok=True)
+    with tarfile.open(layout.image_tar(shard), "w") as tar:
+        for key, data in sorted(images.items()):
+            for ext, payload in (("jpg", data), ("txt", b"caption"), ("json", json.dumps({"key": key}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    keys = sorted([*images, *failed])
+    status = pa.table(
+        {
+            "key": keys,
+            "status": ["success" if k in images else "failed_to_download" for k in keys],
+            "caption": [f"caption {k}" for k in keys],
+            "url": [f"http://127.0.0.1/{k}.jpg" for k in keys],
+            "SAMPLE_ID": list(range(len(keys))),
+            "NSFW": ["UNLIKELY"] * len(keys),
+        }
+    )
+    pq.write_table(status, layout.image_status(shard))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    from laion_vq.vqgan import get_model_config, load_encoder
+
+    config = get_model_config(TINY_MODEL)
+    model = load_encoder(config, tiny_checkpoint)
+    return config, model

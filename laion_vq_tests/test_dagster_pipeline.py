@@ -95,6 +95,9 @@ def _assert_pipeline_outputs(instance, layout, urls):
         assert sum(i["failures_by_reason"].values()) == SAMPLES - expected_photos
         # code rows = successes − undecodable
         assert c["encoded"] == c["downloaded"] - c["undecodable"] == i["successes"]
+        # every partition's page says what made its codes
+        assert (c["model"], c["dtype"], c["index_rule"]) == (TINY_MODEL, "fp32", "argmax")
+        assert len(c["checkpoint_sha256"]) == 64 and c["checkpoint"].endswith(".ckpt")
         table = pq.read_table(layout.code_shard(TINY_MODEL, shard))
         assert table.num_rows == c["encoded"]
         keys = table.column("key").to_pylist()

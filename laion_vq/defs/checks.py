@@ -52,7 +52,7 @@ def code_parquets_contract(
     config = encoder.vqgan_config()
     scope = _scope(context)
     grid = config.code_grid(settings.IMAGE_SIZE)
-    report = audit_code_shards(storage.layout, encoder.model, grid, config.n_embed, only=scope)
+    report = audit_code_shards(storage.layout, encoder.codes_folder, grid, config.n_embed, only=scope)
     return _result(report, "no code parquets found on storage", scope)
 
 

@@ -95,13 +95,29 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
     dtype: str = settings.ENCODE_DTYPE.default  # type: ignore[assignment]
     preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
+    codes_name: str | None = None
+    replace_codes: bool = False
     _loaded: Any = PrivateAttr(default=None)
+    _checkpoint_sha256: str | None = PrivateAttr(default=None)
     _decoder: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
         from laion_vq.vqgan import get_model_config
 
         return get_model_config(self.model)
+
+    @property
+    def codes_folder(self) -> str:
+        """`codes/<this>/`: the model name unless the operator names a side-by-side version."""
+        return self.codes_name or self.model
+
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint's identity for provenance (hashed once per process)."""
+        if self._checkpoint_sha256 is None:
+            from laion_vq.shards.storage import sha256_of
+
+            self._checkpoint_sha256 = sha256_of(_absolute(self.checkpoint or ""))
+        return self._checkpoint_sha256
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -167,5 +183,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
             dtype=_from_env(settings.ENCODE_DTYPE),
             preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
+            codes_name=_from_env(settings.CODES_NAME),
+            replace_codes=bool(settings.REPLACE_CODES.get_int()),
         ),
     }

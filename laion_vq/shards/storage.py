@@ -15,6 +15,7 @@ leaves the old file or the new one, never a partial file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -119,3 +120,13 @@ def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def sha256_of(url: str, chunk: int = 8 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed (a checkpoint is hundreds of MB): its identity in provenance."""
+    fs, path = filesystem(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

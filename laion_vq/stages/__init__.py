@@ -4,7 +4,7 @@ No Dagster here: the assets call these and turn the returned numbers into materi
 metadata, and benchmarks or scripts can call them directly. One module per stage.
 """
 
-from laion_vq.stages.codes import CodeShardResult, encode_code_shard
+from laion_vq.stages.codes import CodeShardResult, CodesVersionError, encode_code_shard, refuse_other_version
 from laion_vq.stages.images import (
     SCRATCH_PREFIX,
     ImageShardResult,
@@ -18,11 +18,13 @@ from laion_vq.stages.metadata import MetadataShardResult, write_metadata_shard
 __all__ = [
     "SCRATCH_PREFIX",
     "CodeShardResult",
+    "CodesVersionError",
     "ImageShardResult",
     "MetadataShardResult",
     "WorseDownloadError",
     "download_image_shard",
     "encode_code_shard",
+    "refuse_other_version",
     "refuse_worse_download",
     "remove_stale_scratch",
     "write_metadata_shard",

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from laion_vq.shards.codes import build_codes_table, check_codes_table, write_codes_parquet
-from laion_vq.shards.storage import StorageLayout, read_bytes, size
+from laion_vq import settings
+from laion_vq.shards.codes import build_codes_table, check_codes_table, read_codes_provenance, write_codes_parquet
+from laion_vq.shards.storage import StorageLayout, exists, read_bytes, size
 from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 from laion_vq.stages.upstream import require_upstream
 
@@ -66,6 +67,34 @@ def _status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
     return {row["key"]: row for row in table.to_pylist()}
 
 
+class CodesVersionError(RuntimeError):
+    """Codes on storage made by another checkpoint/precision/index rule than this run's (kept as they are)."""
+
+
+#: What makes codes differ: re-encoding with any of these changed is a new version of the dataset.
+VERSION_KEYS = ("checkpoint_sha256", "dtype", "index_rule")
+
+
+def refuse_other_version(dest: str, provenance: dict) -> None:
+    """Raise CodesVersionError when `dest` exists and was made with other VERSION_KEYS than `provenance`:
+    a new checkpoint or mode goes side by side (another codes folder), never silently over the old."""
+    if not exists(dest):
+        return
+    try:
+        stored = read_codes_provenance(dest)
+    except Exception:  # noqa: BLE001 - a corrupted parquet is no version to protect: re-encoding repairs it
+        return
+    differ = {k: (stored[k], provenance[k]) for k in VERSION_KEYS if k in stored and k in provenance}
+    differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+    if differ:
+        what = "; ".join(f"{k}: stored {old!s:.16} ≠ this run {new!s:.16}" for k, (old, new) in differ.items())
+        raise CodesVersionError(
+            f"{dest} was encoded differently ({what}). Nothing was overwritten. Re-encode side by side with "
+            f"{settings.CODES_NAME.env}=<a new name> (codes/<name>/), or set {settings.REPLACE_CODES.env}=1 "
+            "(the encoder resource's replace_codes) to replace these codes."
+        )
+
+
 def encode_code_shard(
     layout: StorageLayout,
     shard_id: int,
@@ -79,14 +108,22 @@ def encode_code_shard(
     provenance: dict | None = None,
     progress: Callable[[str], None] | None = None,
     keep_samples: int = 0,
+    codes_name: str | None = None,
+    replace_other_versions: bool = False,
 ) -> CodeShardResult:
-    """Encode every downloaded image of the shard and publish `codes/<model>/NNNNN.parquet`.
+    """Encode every downloaded image of the shard and publish `codes/<codes_name>/NNNNN.parquet`
+    (`codes_name` defaults to the model name).
 
     `encode` maps an (N, S, S, 3) uint8 batch to (N, grid, grid) integer codes. Images that fail to
     decode are counted by reason and listed, never dropped silently; a tar that disagrees with its status
-    parquet, or output that breaks the contract, raises CorruptShardError and publishes nothing.
+    parquet, or output that breaks the contract, raises CorruptShardError and publishes nothing. A code
+    parquet already made by another checkpoint, precision or index rule is not overwritten
+    (`refuse_other_version`) unless `replace_other_versions`.
     """
     start = time.perf_counter()
+    dest = layout.code_shard(codes_name or model_name, shard_id)
+    if not replace_other_versions:
+        refuse_other_version(dest, provenance or {})
     status = _status_rows(layout, shard_id)
     success_keys = {k for k, row in status.items() if row["status"] == "success"}
     tar_url = layout.image_tar(shard_id)
@@ -150,7 +187,6 @@ def encode_code_shard(
     report = check_codes_table(table, shard_id, grid, n_embed)
     if not report.ok:
         raise CorruptShardError(f"shard {shard_id:05d}: encoded output breaks the contract: {report.problems}")
-    dest = layout.code_shard(model_name, shard_id)
     file_meta = {
         "model": model_name,
         "grid": grid,

@@ -92,7 +92,12 @@ def code_parquets(
         f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} "
         f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s)"
     )
-    provenance = {"checkpoint": encoder.checkpoint, "index_rule": "argmax", "dtype": encoder.dtype}
+    provenance = {
+        "checkpoint": encoder.checkpoint,
+        "checkpoint_sha256": encoder.checkpoint_sha256(),
+        "index_rule": "argmax",
+        "dtype": encoder.dtype,
+    }
 
     def encode(batch: np.ndarray) -> np.ndarray:
         return model.encode_uint8(batch, batch_size=encoder.batch_size, dtype=dtype)
@@ -105,6 +110,8 @@ def code_parquets(
             layout,
             shard,
             model_name=encoder.model,
+            codes_name=encoder.codes_folder,
+            replace_other_versions=encoder.replace_codes,
             encode=encode,
             grid=grid,
             n_embed=config.n_embed,
@@ -118,8 +125,16 @@ def code_parquets(
             previewed.append(shard)
         return result
 
+    made_by = {  # on every partition's page: which checkpoint, model, precision and index rule made it
+        "model": encoder.model,
+        "checkpoint": dg.MetadataValue.path(encoder.checkpoint or ""),
+        "checkpoint_sha256": provenance["checkpoint_sha256"],
+        "dtype": encoder.dtype,
+        "index_rule": provenance["index_rule"],
+    }
+
     def metadata(result: CodeShardResult) -> dict:
-        meta = _metadata(result)
+        meta = {**_metadata(result), **made_by}
         if previewed and previewed[0] == result.shard_id:
             meta.update(_preview(context, encoder, result))
         return meta
