@@ -2,8 +2,10 @@
 
 Makes what it cannot download (LAION-format metadata pointing at a loopback image server with real
 photos and a few broken URLs; a VQGAN checkpoint of the real architecture with RANDOM weights), then
-materializes raw_metadata_shards → image_tars → code_parquets for those shards in a persistent Dagster
-instance, runs the contract check and prints what it made. Pass --metadata/--checkpoint to run the
+starts the Dagster daemon and webserver on a persistent instance (`.demo/dagster_home`, the project's
+`dagster.yaml`) and materializes raw_metadata_shards → image_tars → code_parquets for those shards
+through the code location — a job run and a backfill, as a user of the UI would —, runs the audits and
+prints what it made. `make ui` then shows all of it. Pass --metadata/--checkpoint to run the
 same code path on real LAION parts and the released weights.
 """
 
@@ -11,14 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 import warnings
-
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The demo prints its own summary; the console shows the run's INFO lines (progress), not DEBUG events.
-QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = os.path.abspath(args.workdir)
     dagster_home = os.path.join(workdir, "dagster_home")
     os.makedirs(dagster_home, exist_ok=True)
-    shutil.copy(os.path.join(HERE, "dagster.yaml"), os.path.join(dagster_home, "dagster.yaml"))
     started = time.perf_counter()
 
     from laion_vq.fixtures.demo_inputs import make_demo_inputs
@@ -66,55 +62,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo inputs: metadata {os.environ['LAION_VQ_METADATA']}")
         print(f"             checkpoint {checkpoint}" + ("" if args.checkpoint else "  (RANDOM weights)"))
         print(f"             images from {server.base_url} (loopback; real photos + broken URLs)")
-        ok = run_pipeline(args.shards)
+        ok = run_pipeline(args.shards, dagster_home)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     print("open the UI:  make ui   (DAGSTER_HOME=" + dagster_home + ")")
     return 0 if ok else 1
 
 
-def run_pipeline(shards: int) -> bool:
-    """Materialize the three assets for shards 0 … shards-1 as ONE run, then the contract check."""
-    import dagster as dg
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
+SHOWN = ("dagster/row_count", "successes", "failed_to_download", "failed_to_resize", "encoded", "undecodable",
+         "images_per_second", "distinct_codes")  # fmt: skip
 
-    from laion_vq.definitions import defs
+
+def run_pipeline(shards: int, dagster_home: str) -> bool:
+    """Everything through the code location, as a user of the UI would, run by the daemon: the
+    `laion_vq_pipeline` job for shard 00000 (the launchpad), a backfill of the other shards (the
+    Materialize dialog, through the backfill daemon) and the `audit_shards` job. So the runs list, the
+    job's page, the Overview timeline and the Backfills page all show the demo's work afterwards."""
+    from pathlib import Path
+
+    import dagster as dg
+    from dagster._core.events import DagsterEventType
+
+    from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
     from laion_vq.shards.numbering import shard_key
 
-    instance = dg.DagsterInstance.get()
-    first, last = shard_key(0), shard_key(shards - 1)
-    job = defs.resolve_job_def("laion_vq_pipeline")
     t0 = time.perf_counter()
-    result = job.execute_in_process(
-        instance=instance,
-        run_config=QUIET,
-        tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-        raise_on_error=False,
-    )
-    print(f"\nrun {result.run_id} ({'success' if result.success else 'FAILED'}) in {time.perf_counter() - t0:.1f}s")
-    print(f"{'asset':<22}{'shard':<8}{'numbers'}")
-    for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization
-        m = {k: v.value for k, v in mat.metadata.items()}
-        keys = ("dagster/row_count", "successes", "failed_to_download", "failed_to_resize", "encoded",
-                "undecodable", "images_per_second", "distinct_codes")
-        numbers = ", ".join(f"{k.split('/')[-1]}={m[k]}" for k in keys if k in m)
-        path = m.get("path") or m.get("tar")
-        print(f"{mat.asset_key.to_user_string():<22}{mat.partition:<8}{numbers}\n{'':<30}{path}")
-    if not result.success:
-        for event in result.all_events:
-            if event.is_failure:
-                print(event.message, file=sys.stderr)
-        return False
+    with dagster_services(Path(dagster_home), None, instance_yaml=EMBEDDED_YAML) as services:
+        print(f"daemon and webserver up in {time.perf_counter() - t0:.1f}s (DAGSTER_HOME={dagster_home})")
+        run_id = services.launch_run("laion_vq_pipeline", {"dagster/partition": shard_key(0)})
+        print(f"launched laion_vq_pipeline for shard {shard_key(0)}: run {run_id}")
+        ok = services.wait_for_run(run_id) == "SUCCESS"
+        if shards > 1:
+            rest = [shard_key(i) for i in range(1, shards)]
+            backfill = services.launch_backfill(ASSETS, rest)
+            print(f"launched backfill {backfill} of shards {rest[0]}…{rest[-1]} (3 assets)")
+            ok = services.wait_for_backfill(backfill) in ("COMPLETED", "COMPLETED_SUCCESS") and ok
+        audit = services.launch_run("audit_shards")
+        ok = services.wait_for_run(audit) == "SUCCESS" and ok
+        print(f"\nruns finished in {time.perf_counter() - t0:.1f}s ({'success' if ok else 'FAILED'})")
 
-    check = defs.resolve_job_def("audit_shards").execute_in_process(
-        instance=instance, run_config=QUIET, raise_on_error=False
-    )
-    for ev in check.get_asset_check_evaluations():
-        meta = {k: v.value for k, v in ev.metadata.items()}
-        print(f"check {ev.check_name}: {'PASSED' if ev.passed else 'FAILED'} "
-              f"({meta.get('shards_checked')} shards, {meta.get('rows_checked')} rows, "
-              f"corrupted: {meta.get('corrupted_shard_list')})")
-    return check.success
+        with services.instance() as instance:
+            print(f"{'asset':<22}{'shard':<8}{'numbers'}")
+            for asset in ASSETS:
+                records = instance.fetch_materializations(dg.AssetKey(asset), limit=shards * 4).records
+                latest = {r.asset_materialization.partition: r.asset_materialization for r in reversed(records)}
+                for shard, mat in sorted(latest.items()):
+                    m = {k: v.value for k, v in mat.metadata.items()}
+                    numbers = ", ".join(f"{k.split('/')[-1]}={m[k]}" for k in SHOWN if k in m)
+                    print(f"{asset:<22}{shard:<8}{numbers}\n{'':<30}{m.get('path') or m.get('tar')}")
+            for record in instance.get_records_for_run(audit, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
+                ev = record.event_log_entry.dagster_event.event_specific_data
+                meta = {k: v.value for k, v in ev.metadata.items()}
+                print(f"check {ev.check_name}: {'PASSED' if ev.passed else 'FAILED'} "
+                      f"({meta.get('shards_checked')} shards, {meta.get('rows_checked')} rows, "
+                      f"corrupted: {meta.get('corrupted_shard_list')})")  # fmt: skip
+                ok = ok and ev.passed
+            if not ok:
+                print(f"daemon log tail:\n{services.log('daemon')[-2000:]}", file=sys.stderr)
+    return ok
 
 
 if __name__ == "__main__":
