@@ -42,15 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}"""
-LOCATIONS = "query { workspaceOrError { ... on Workspace { locationEntries { name } } } }"
 QUIET = {"PYTHONWARNINGS": "ignore", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
 
 
@@ -125,19 +116,12 @@ def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, fl
             services.instance() as instance,
         ):
             wait_for("the daemon's run queue", lambda: "QUEUED_RUN_COORDINATOR" in instance.get_daemon_heartbeats())
-            location = services.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"][0]["name"]
             for i in range(warmup + runs):
-                params = {"selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
-                                       "jobName": "download_shards"},
-                          "executionMetadata": {"tags": [{"key": "dagster/partition", "value": f"{i:05d}"}]}}
                 # at a random phase of the coordinator's 5 s dequeue loop, as a slot freed in a backfill would be
                 # (back-to-back ~5 s runs otherwise lock onto the loop and always wait ~4.5 s)
                 time.sleep(rng.uniform(0, 5))
                 launched_at = time.time()
-                launched = services.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-                if launched["__typename"] != "LaunchRunSuccess":
-                    raise RuntimeError(launched)
-                run_id = launched["run"]["runId"]
+                run_id = services.launch_run("download_shards", {"dagster/partition": f"{i:05d}"})
                 run = wait_for("the run to finish",
                                lambda rid=run_id: (r := instance.get_run_by_id(rid)).is_finished and r)
                 if run.status != DagsterRunStatus.SUCCESS:

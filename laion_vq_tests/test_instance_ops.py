@@ -35,17 +35,6 @@ SHARD = "00000"
 SAMPLES = 4
 WAIT_S = 180  # generous: a 2-core machine starting daemons, code servers and run workers
 
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId status } }
-    ... on PythonError { message stack }
-    ... on InvalidSubsetError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-LOCATIONS = "query { workspaceOrError { ... on Workspace { locationEntries { name } } } }"
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S, interval: float = 0.5,
@@ -117,15 +106,7 @@ def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_e
             return f"daemon log:\n{services.log('daemon')[-4000:]}"
 
         instance.event_log_storage.set_concurrency_slots("download", 1)
-        location = services.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"][0]["name"]
-        params = {
-            "selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
-                         "jobName": "download_shards"},
-            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": SHARD}]},
-        }
-        launched = services.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        run_id = launched["run"]["runId"]
+        run_id = services.launch_run("download_shards", {"dagster/partition": SHARD})
 
         # queued → launched by the daemon → downloading, holding the one `download` slot
         wait_for("the download step to hold the slot and fetch the dripping URLs",
