@@ -35,16 +35,6 @@ KEYS = [f"{i:05d}" for i in range(NUM_SHARDS)]
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 TERMINAL = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
-LAUNCH_BACKFILL = """
-mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $backfillParams) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on Error { message }
-  }
-}
-"""
-
 BACKFILL = """
 query Backfill($backfillId: String!) {
   partitionBackfillOrError(backfillId: $backfillId) {
@@ -149,16 +139,8 @@ def test_ui_backfill_of_three_shards_runs_on_daemon_and_postgres(tmp_path, image
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
 
-        # the UI's "Materialize all" → "Launch backfill" for a graph that shares one partitions definition
-        params = {
-            "assetSelection": [{"path": [a]} for a in ASSETS],
-            "partitionNames": KEYS,
-            "fromFailure": False,
-            "tags": [],
-        }
-        reply = services.graphql(LAUNCH_BACKFILL, {"backfillParams": params})["launchPartitionBackfill"]
-        assert reply["__typename"] == "LaunchBackfillSuccess", reply
-        backfill_id = reply["backfillId"]
+        # the UI's "Materialize all" → "Launch backfill" (launchPartitionBackfill with the assets and partitions)
+        backfill_id = services.launch_backfill(ASSETS, KEYS)
 
         # the daemon starts now, so its first backfill iteration (every 30 s) comes at start-up
         with dagster_services(home, pg_url, env=env, webserver=False) as daemon:
