@@ -93,7 +93,7 @@ DOWNLOAD_REPLACE_WORSE = Setting(
     "LAION_VQ_DOWNLOAD_REPLACE_WORSE", 0, "1: publish a re-download even when it is worse than the stored shard"
 )
 DOWNLOAD_SHARDS_PER_RUN = Setting(
-    "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN", 4, "backfill: shards per metadata+download run"
+    "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN", 8, "backfill: shards per metadata+download run (README: run granularity)"
 )
 SCHEDULE_SHARDS_PER_TICK = Setting(
     "LAION_VQ_SCHEDULE_SHARDS_PER_TICK", 64, "download_missing_shards schedule: shards requested per tick"

@@ -3,7 +3,7 @@ runs created by a real `dagster-daemon` and executed by its run launcher, on the
 (`deploy/dagster.yaml`: PostgreSQL, queued coordinator, pools) in a fresh database.
 
 Three shards of a few samples from the loopback image server, the tiny f8 model: the backfill must cut them
-into one metadata+download run (multi_run(4) batches the 3 shards) and an encoder run of its own, and every
+into one metadata+download run (multi_run(8) batches the 3 shards) and an encoder run of its own, and every
 partition of all three assets must end materialized with its per-shard numbers. The daemon's backfill
 loop ticks every 30 s, so the daemon starts right after the launch (its first tick plans the backfill at
 once) and the whole test takes about a minute; nothing here is timed.

@@ -47,7 +47,7 @@ def test_defaults_give_10000_shard_partitions_and_separate_run_granularity():
         assert (info[name]["n"], info[name]["first"], info[name]["last"]) == (10_000, "00000", "09999")
     # metadata + download share a policy (one run per batch of shards); the encoder has its own,
     # so a backfill never puts the GPU step inside a download run
-    assert info["raw_metadata_shards"]["bp"] == info["image_tars"]["bp"] == ["MULTI_RUN", 4]
+    assert info["raw_metadata_shards"]["bp"] == info["image_tars"]["bp"] == ["MULTI_RUN", 8]
     assert info["code_parquets"]["bp"] == ["MULTI_RUN", 256]
     assert info["image_tars"]["pool"] == "download" and info["code_parquets"]["pool"] == "gpu"
     k8s = json.loads(info["code_parquets"]["tags"]["dagster-k8s/config"])

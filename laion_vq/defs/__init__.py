@@ -8,9 +8,9 @@ import dagster as dg
 
 # Two start-up warnings, explained here and silenced (only these two messages):
 # - `backfill_policy` is a beta parameter; it is what batches a 10,000-partition backfill into runs of
-#   4 (download) and 256 (encoder) shards instead of one run per shard, and the tests pin its plan.
+#   8 (download) and 256 (encoder) shards instead of one run per shard, and the tests pin its plan.
 # - `laion_vq_pipeline` (metadata → tar → codes for a few shards: the demo, one-shard CLI runs) mixes the
-#   download and encoder policies; Dagster then batches it by the smaller one (4), which is what a
+#   download and encoder policies; Dagster then batches it by the smaller one (8), which is what a
 #   few-shard run wants. Backfills use the assets' own policies and never mix the two.
 warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of function `asset`", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", message=r"Asset job laion_vq_pipeline materializes assets with varying")

@@ -5,7 +5,7 @@ upstream partition updates or is requested in the same evaluation (then both run
 encoder after the download), never while its upstream is missing or in progress, never twice for the
 same update. Evaluating all 10,000 partitions takes ~0.1 s (`laion_vq_tests/test_automation.py`).
 The `shard_automation` sensor evaluates them (off until an operator turns it on). It emits backfills,
-so the requested partitions run in the assets' backfill batches (4 shards per download run, 256 per
+so the requested partitions run in the assets' backfill batches (8 shards per download run, 256 per
 encoder run), never one run per shard.
 """
 
