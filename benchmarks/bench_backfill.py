@@ -116,42 +116,6 @@ mutation CancelBackfill($backfillId: String!) {
 }
 """
 
-BACKFILL_STATUS = """
-query BackfillStatus($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill {
-      id
-      status
-      numPartitions
-      isAssetBackfill
-      assetBackfillData {
-        assetBackfillStatuses {
-          ... on AssetPartitionsStatusCounts {
-            assetKey { path }
-            numPartitionsTargeted
-            numPartitionsInProgress
-            numPartitionsMaterialized
-            numPartitionsFailed
-          }
-        }
-      }
-    }
-    ... on Error { message }
-  }
-}
-"""
-
-BACKFILL_STATE = """
-query BackfillState($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill { status }
-    ... on Error { message }
-  }
-}
-"""
-
 #: The UI's partition bar query (ui-core/src/assets/usePartitionHealthData.tsx, PARTITION_HEALTH_QUERY).
 PARTITION_HEALTH = """
 query PartitionHealthQuery($assetKey: AssetKeyInput!) {
@@ -420,7 +384,7 @@ def measure(variant: str, args: argparse.Namespace, workdir: Path) -> Result:
             result.create_s = time.perf_counter() - t0
             print(f"backfill {backfill_id} created in {result.create_s:.2f} s")
 
-            status = services.graphql(BACKFILL_STATUS, {"backfillId": backfill_id})["partitionBackfillOrError"]
+            status = services.backfill(backfill_id)
             result.targeted = {
                 "/".join(s["assetKey"]["path"]): s["numPartitionsTargeted"]
                 for s in status["assetBackfillData"]["assetBackfillStatuses"]
@@ -488,7 +452,7 @@ def measure(variant: str, args: argparse.Namespace, workdir: Path) -> Result:
                 raise RuntimeError(f"cancelPartitionBackfill: {reply}")
             cancel_deadline = t_cancel + args.cancel_timeout
             while time.perf_counter() < cancel_deadline:
-                state = services.graphql(BACKFILL_STATE, {"backfillId": backfill_id})["partitionBackfillOrError"]
+                state = services.backfill(backfill_id)
                 result.cancel_status = state.get("status", "")
                 queued = count_runs(inst, backfill_id, [dg.DagsterRunStatus.QUEUED])
                 if result.cancel_status == "CANCELED" and queued == 0:

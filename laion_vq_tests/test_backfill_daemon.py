@@ -23,6 +23,7 @@ from dagster._core.storage.tags import (
     BACKFILL_ID_TAG,
 )
 
+from laion_vq.fixtures.dagster_services import BACKFILL_DONE
 from laion_vq.fixtures.demo_inputs import shard_urls
 from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.storage import StorageLayout
@@ -33,33 +34,6 @@ NUM_SHARDS = 3
 SAMPLES = 6
 KEYS = [f"{i:05d}" for i in range(NUM_SHARDS)]
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
-TERMINAL = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
-
-BACKFILL = """
-query Backfill($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill {
-      status
-      numPartitions
-      isAssetBackfill
-      error { message }
-      assetBackfillData {
-        assetBackfillStatuses {
-          ... on AssetPartitionsStatusCounts {
-            assetKey { path }
-            numPartitionsTargeted
-            numPartitionsInProgress
-            numPartitionsMaterialized
-            numPartitionsFailed
-          }
-        }
-      }
-    }
-    ... on Error { message }
-  }
-}
-"""
 
 PARTITION_STATUS = """
 query PartitionStatus($assetKey: AssetKeyInput!) {
@@ -91,8 +65,8 @@ def _wait_for_backfill(services, daemon, backfill_id: str, timeout: float = 420)
     deadline = time.monotonic() + timeout
     backfill: dict = {}
     while time.monotonic() < deadline:
-        backfill = services.graphql(BACKFILL, {"backfillId": backfill_id})["partitionBackfillOrError"]
-        if backfill.get("status") in TERMINAL:
+        backfill = services.backfill(backfill_id)
+        if backfill.get("status") in BACKFILL_DONE:
             return backfill
         for name, process in {**services.processes, **daemon.processes}.items():
             assert process.poll() is None, f"{name} exited:\n{services.log(name)[-4000:]}"
