@@ -1,67 +1,232 @@
-"""Asset checks: prove every shard on storage keeps its contract, and name the shards that don't."""
+"""Asset checks, one result per shard: each check is partitioned like its asset (Dagster 1.13's partitioned
+checks, Preview), so the UI's check page shows shard 04711 failed while 04712 passed.
+
+Dagster stores a check result returned from a multi-partition run (a backfill batch, an audit over many
+shards) without a partition. So the checks yield one `AssetCheckEvaluation` per shard with `partition=`
+set and the latest materialization of that partition as its target (what makes the result *current* in
+the check's partition status), and `can_subset=True` lets a step produce only those. Run for a shard or
+a range of shards, a check audits those; run on its own (the `audit_shards` job, the nightly schedule) it
+audits every shard that is materialized or on storage. Shards on the exclusion list are not audited.
+
+Severity: ERROR for corruption, WARN for quality (success rate under the floor). `image_tars_complete`
+is blocking: in a run that also encodes, a failed tar stops the encoder; across runs `code_parquets`
+waits for it to pass (its automation condition) and refuses shards whose latest result failed.
+"""
+
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # the target that makes a partition's result current
+)
 
 from laion_vq import settings
-from laion_vq.audit import AuditReport, audit_code_shards, audit_image_shards
-from laion_vq.defs.assets import code_parquets, image_tars
-from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
-
-#: Below this a shard's download is flagged (WARN) as worth a retry; LAION-400M tars kept ~50–90%.
-MIN_SUCCESS_RATE = 0.3
-
-
-def _scope(context: dg.AssetCheckExecutionContext) -> list[str] | None:
-    """The shards of the run the check executes in, or None (all of storage) when it runs on its own.
-
-    Backfills and jobs run these checks after every batch of shards; auditing all 10,000 shards there
-    would re-read the whole dataset per run, so inside a partitioned run only that run's shards count.
-    """
-    try:
-        return list(context.partition_keys)
-    except Exception:  # noqa: BLE001 - an unpartitioned run raises: it audits everything
-        return None
+from laion_vq.audit import (
+    MIN_SUCCESS_RATE,
+    ShardVerdict,
+    audit_code_shard,
+    audit_each,
+    audit_image_shard,
+    audit_metadata_shard,
+)
+from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, METADATA_CHECK
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGANEncoderResource
+from laion_vq.shards.exclusions import read_exclusions
+from laion_vq.shards.metadata import ShardOutOfRange
+from laion_vq.shards.numbering import parse_shard_key
+from laion_vq.shards.storage import StorageLayout, filesystem
 
 
-def _result(report: AuditReport, empty_message: str, scope: list[str] | None) -> dg.AssetCheckResult:
-    corrupted = sorted(report.corrupted)
-    return dg.AssetCheckResult(
-        passed=report.ok,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=None if report.shards_checked else empty_message,
+def _stored_shards(directory: str, suffix: str) -> set[str]:
+    """Shard keys of the `NNNNN<suffix>` files in `directory` (other names are not shards)."""
+    fs, path = filesystem(directory)
+    if not fs.exists(path):
+        return set()
+    names = (p.rsplit("/", 1)[-1].removesuffix(suffix) for p in fs.glob(path.rstrip("/") + f"/*{suffix}"))
+    return {name for name in names if name.isdigit() and len(name) == 5}
+
+
+def _shards_to_audit(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, directory: str) -> list[str]:
+    """The run's shards; on its own, every materialized shard and every shard parquet in `directory`."""
+    if context.has_partition_key or context.has_partition_key_range:
+        return sorted(context.partition_keys)
+    keys = set(context.instance.get_materialized_partitions(asset_key)) | _stored_shards(directory, ".parquet")
+    return sorted(k for k in keys if shard_partitions.has_partition_key(k))
+
+
+def latest_materializations(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: Sequence[str], chunk: int = 500
+) -> dict[str, dg.EventLogRecord]:
+    """The newest materialization record of each partition in `keys` (paged queries, newest first)."""
+    latest: dict[str, dg.EventLogRecord] = {}
+    for start in range(0, len(keys), chunk):
+        part = list(keys[start : start + chunk])
+        cursor = None
+        while True:
+            page = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=part), limit=5000, cursor=cursor
+            )
+            for record in page.records:
+                latest.setdefault(record.partition_key, record)
+            if not page.has_more:
+                break
+            cursor = page.cursor
+    return latest
+
+
+def _evaluation(check: dg.AssetCheckKey, verdict: ShardVerdict, target: dg.EventLogRecord | None, blocking: bool):
+    first = verdict.first
+    problems = verdict.errors + verdict.warnings
+    return dg.AssetCheckEvaluation(
+        asset_key=check.asset_key,
+        check_name=check.name,
+        passed=verdict.passed,
+        severity=dg.AssetCheckSeverity.ERROR if verdict.errors or verdict.passed else dg.AssetCheckSeverity.WARN,
+        description=None if first is None else first.detail,
         metadata={
-            "scope": "all shards on storage" if scope is None else f"this run's {len(scope)} shard(s)",
-            "shards_checked": report.shards_checked,
-            "rows_checked": report.rows_checked,
-            "corrupted_shards": len(corrupted),
-            "corrupted_shard_list": dg.MetadataValue.text(", ".join(corrupted) or "none"),
-            "corrupted": dg.MetadataValue.json({k: report.corrupted[k] for k in corrupted[:200]}),
-            "warnings": dg.MetadataValue.json({k: v for k, v in list(report.warnings.items())[:200]}),
+            **verdict.counts,
+            "reason": first.reason if first else "",
+            "problems": dg.MetadataValue.json([{"reason": p.reason, "detail": p.detail} for p in problems]),
+            **({"what_to_do": dg.MetadataValue.md(_what_to_do(check, verdict))} if problems else {}),
         },
+        partition=verdict.shard,
+        target_materialization_data=None
+        if target is None
+        else AssetCheckEvaluationTargetMaterializationData(
+            storage_id=target.storage_id, run_id=target.run_id, timestamp=target.timestamp
+        ),
+        blocking=blocking,
     )
 
 
-@dg.asset_check(
-    asset=code_parquets,
-    description="Every code parquet on storage: 32×32 int16 codes in [0, n_embed), unique sorted keys of its "
-    "shard, and rows = downloaded − undecodable. Lists each corrupted shard and why.",
+def _what_to_do(check: dg.AssetCheckKey, verdict: ShardVerdict) -> str:
+    asset = check.asset_key.to_user_string()
+    if not verdict.errors:
+        return f"Quality only: re-materialize `{asset}` for shard {verdict.shard} when the network is healthy."
+    return (
+        f"Re-materialize `{asset}` for shard {verdict.shard} (its files are replaced atomically), then execute "
+        f"this check for it again; if the source itself is broken, add `{verdict.shard},<reason>` to the "
+        "exclusion list (`excluded_shards.csv` under the storage root)."
+    )
+
+
+def evaluate_shards(
+    context: dg.AssetCheckExecutionContext,
+    check: dg.AssetCheckKey,
+    layout: StorageLayout,
+    keys: Iterable[str],
+    audit_one: Callable[[str], ShardVerdict],
+    blocking: bool = False,
+) -> Iterator[dg.AssetCheckEvaluation]:
+    """Audit each shard (skipping excluded ones, with a log line) and yield its own evaluation."""
+    excluded = read_exclusions(layout)
+    keys = list(keys)
+    skipped = [k for k in keys if k in excluded]
+    if skipped:
+        context.log.info(f"not auditing {len(skipped)} excluded shard(s): {', '.join(skipped[:20])}")
+    keys = [k for k in keys if k not in excluded]
+    targets = latest_materializations(context.instance, check.asset_key, keys)
+    failed: list[str] = []
+    last_log = time.monotonic()
+    for index, verdict in enumerate(audit_each(keys, audit_one), start=1):
+        if not verdict.passed:
+            failed.append(verdict.shard)
+            context.log.warning(f"{check.name} {verdict.shard}: {verdict.first.detail}")
+        if time.monotonic() - last_log > 30:
+            last_log = time.monotonic()
+            context.log.info(f"{check.name}: {index}/{len(keys)} shards audited, {len(failed)} failed")
+        yield _evaluation(check, verdict, targets.get(verdict.shard), blocking)
+    context.log.info(
+        f"{check.name}: {len(keys)} shard(s) audited, {len(failed)} failed"
+        + (f": {', '.join(failed[:50])}" if failed else "")
+    )
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            METADATA_CHECK.name,
+            asset=raw_metadata_shards,
+            partitions_def=shard_partitions,
+            description="The shard holds the rows the LAION parts give it (10,000, or the partial last shard), "
+            "the URL and TEXT columns, and a URL on every row.",
+        )
+    ],
+    can_subset=True,
+    name=METADATA_CHECK.name,
+)
+def raw_metadata_shards_valid(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
+) -> Iterator[dg.AssetCheckEvaluation]:
+    layout = storage.layout
+    source = metadata.open()
+
+    def expected_rows(shard: int) -> int | None:
+        try:
+            return source.locate(shard).num_rows
+        except ShardOutOfRange:
+            return None
+
+    def audit(key: str) -> ShardVerdict:
+        return audit_metadata_shard(layout, key, expected_rows(parse_shard_key(key)), metadata.samples_per_shard)
+
+    keys = _shards_to_audit(context, METADATA_CHECK.asset_key, layout.metadata_dir())
+    yield from evaluate_shards(context, METADATA_CHECK, layout, keys, audit)
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            IMAGES_CHECK.name,
+            asset=image_tars,
+            partitions_def=shard_partitions,
+            blocking=True,
+            description="One status row per metadata row; img2dataset's stats agree; the tar reads to the end "
+            "with an image, caption and json per success and each image hashing to the sha256 recorded at "
+            f"download. ERROR names the first bad key; a success rate below {MIN_SUCCESS_RATE:.0%} is a WARN.",
+        )
+    ],
+    can_subset=True,
+    name=IMAGES_CHECK.name,
+)
+def image_tars_complete(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> Iterator[dg.AssetCheckEvaluation]:
+    layout = storage.layout
+    keys = _shards_to_audit(context, IMAGES_CHECK.asset_key, layout.images_dir())
+    yield from evaluate_shards(
+        context, IMAGES_CHECK, layout, keys, lambda key: audit_image_shard(layout, key), blocking=True
+    )
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            CODES_CHECK.name,
+            asset=code_parquets,
+            partitions_def=shard_partitions,
+            description="32×32 int16 codes in [0, n_embed), unique sorted keys of the shard, the seed schema, "
+            "and a code row for every downloaded image except those recorded as undecodable.",
+        )
+    ],
+    can_subset=True,
+    name=CODES_CHECK.name,
 )
 def code_parquets_contract(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
-) -> dg.AssetCheckResult:
+) -> Iterator[dg.AssetCheckEvaluation]:
+    layout = storage.layout
     config = encoder.vqgan_config()
-    scope = _scope(context)
     grid = config.code_grid(settings.IMAGE_SIZE)
-    report = audit_code_shards(storage.layout, encoder.codes_folder, grid, config.n_embed, only=scope)
-    return _result(report, "no code parquets found on storage", scope)
+    folder = encoder.codes_folder
+    keys = _shards_to_audit(context, CODES_CHECK.asset_key, layout.codes_dir(folder))
+    yield from evaluate_shards(
+        context, CODES_CHECK, layout, keys, lambda key: audit_code_shard(layout, folder, key, grid, config.n_embed)
+    )
 
 
-@dg.asset_check(
-    asset=image_tars,
-    description="Every downloaded shard: one status row per metadata row, img2dataset's stats agree, tar present. "
-    f"Success rates below {MIN_SUCCESS_RATE:.0%} are listed as warnings.",
-)
-def image_tars_complete(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    scope = _scope(context)
-    report = audit_image_shards(storage.layout, MIN_SUCCESS_RATE, only=scope)
-    return _result(report, "no downloaded shards found on storage", scope)
+SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, code_parquets_contract]

@@ -4,7 +4,7 @@ import dagster as dg
 
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.assets.codes import GPU_TAGS
-from laion_vq.defs.checks import code_parquets_contract, image_tars_complete
+from laion_vq.defs.checks import SHARD_CHECKS
 
 #: Download runs: metadata slice + img2dataset per shard, in process (steps are long, start-up is not).
 download_job = dg.define_asset_job(
@@ -31,10 +31,11 @@ pipeline_job = dg.define_asset_job(
     description="Metadata → image tar → VQGAN codes for the selected shard(s).",
 )
 
-#: The audits over every shard on storage; run on demand or from a schedule.
+#: The per-shard audits over every shard materialized or on storage; on demand or from a schedule. Each
+#: shard's result lands on its own partition of each check.
 check_job = dg.define_asset_job(
     "audit_shards",
-    selection=dg.AssetSelection.checks(code_parquets_contract, image_tars_complete),
+    selection=dg.AssetSelection.checks(*SHARD_CHECKS),
     executor_def=dg.in_process_executor,
-    description="Audit every image tar and code parquet on storage and list the corrupted shards.",
+    description="Audit every metadata shard, image tar and code parquet; one result per shard and check.",
 )

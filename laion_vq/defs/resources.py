@@ -99,6 +99,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     replace_codes: bool = False
     _loaded: Any = PrivateAttr(default=None)
     _checkpoint_sha256: str | None = PrivateAttr(default=None)
+    _random_weights: bool | None = PrivateAttr(default=None)
     _decoder: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
@@ -118,6 +119,25 @@ class VQGANEncoderResource(dg.ConfigurableResource):
 
             self._checkpoint_sha256 = sha256_of(_absolute(self.checkpoint or ""))
         return self._checkpoint_sha256
+
+    def random_weights(self) -> bool:
+        """Whether the checkpoint is a seeded random one (the demo's): its codes are noise, and say so."""
+        if self._random_weights is None:
+            from laion_vq.vqgan import has_random_weights
+
+            self._random_weights = has_random_weights(_absolute(self.checkpoint or ""))
+        return self._random_weights
+
+    def provenance(self) -> dict:
+        """What made a code parquet: stored in its key-value metadata and shown on its partition's page."""
+        return {
+            "model": self.model,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256(),
+            "index_rule": "argmax",
+            "dtype": self.dtype,
+            "random_weights": self.random_weights(),
+        }
 
     def resolved_device(self) -> str:
         if self.device != "auto":

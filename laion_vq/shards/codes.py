@@ -73,18 +73,26 @@ def decode_codes(table: pa.Table, grid: int) -> np.ndarray:
 
 @dataclass
 class ContractReport:
-    """What `check_codes_table` found: the numbers and every violated rule."""
+    """What `check_codes_table` found: the numbers and every violated rule, as (reason, detail) pairs
+    whose detail names the first offending key."""
 
     rows: int = 0
-    problems: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
     code_min: int | None = None
     code_max: int | None = None
     distinct_codes: int = 0
     usage: np.ndarray | None = None
 
     @property
+    def problems(self) -> list[str]:
+        return [detail for _, detail in self.failures]
+
+    @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.failures
+
+    def fail(self, reason: str, detail: str) -> None:
+        self.failures.append((reason, detail))
 
 
 def check_codes_table(table: pa.Table, shard_id: int, grid: int, n_embed: int) -> ContractReport:
@@ -92,38 +100,51 @@ def check_codes_table(table: pa.Table, shard_id: int, grid: int, n_embed: int) -
     report = ContractReport(rows=table.num_rows)
     missing = [name for name in CODES_SCHEMA.names if name not in table.column_names]
     if missing:
-        report.problems.append(f"missing columns {missing}")
+        report.fail("missing columns", f"missing columns {missing}")
         return report
     code_type = table.schema.field("code").type
     if not (pa.types.is_binary(code_type) or pa.types.is_large_binary(code_type)):
-        report.problems.append(f"column code has type {code_type}, expected binary")
+        report.fail("wrong code dtype", f"column code has type {code_type}, expected binary (raw int16 bytes)")
         return report
+    keys = table.column("key").to_pylist()
     expected_bytes = grid * grid * np.dtype(CODE_DTYPE).itemsize
     blobs = table.column("code").to_pylist()
     bad = [i for i, b in enumerate(blobs) if b is None or len(b) != expected_bytes]
     if bad:
-        report.problems.append(
-            f"{len(bad)} row(s) whose code is not {expected_bytes} bytes ({grid}×{grid} int16), e.g. rows {bad[:5]}"
+        first = bad[0]
+        got = None if blobs[first] is None else len(blobs[first])
+        report.fail(
+            "wrong code size",
+            f"{len(bad)} row(s) whose code is not {expected_bytes} bytes ({grid}×{grid} int16), "
+            f"first {keys[first]} ({got} bytes)",
         )
-    good = [b for b in blobs if b is not None and len(b) == expected_bytes]
-    if good:
-        values = np.frombuffer(b"".join(good), dtype=CODE_DTYPE)
+    good_rows = [i for i, b in enumerate(blobs) if b is not None and len(b) == expected_bytes]
+    if good_rows:
+        values = np.frombuffer(b"".join(blobs[i] for i in good_rows), dtype=CODE_DTYPE).reshape(len(good_rows), -1)
         report.code_min, report.code_max = int(values.min()), int(values.max())
-        if report.code_min < 0 or report.code_max >= n_embed:
-            report.problems.append(f"codes span [{report.code_min}, {report.code_max}], outside [0, {n_embed})")
-        in_range = values[(values >= 0) & (values < n_embed)].astype(np.int64)
+        outside = (values < 0) | (values >= n_embed)
+        if outside.any():
+            rows_out = np.flatnonzero(outside.any(axis=1))
+            report.fail(
+                "code out of range",
+                f"{len(rows_out)} row(s) with codes outside [0, {n_embed}) (span [{report.code_min}, "
+                f"{report.code_max}]), first {keys[good_rows[rows_out[0]]]}",
+            )
+        in_range = values[~outside].astype(np.int64)
         report.usage = np.bincount(in_range, minlength=n_embed)
         report.distinct_codes = int((report.usage > 0).sum())
-    keys = table.column("key").to_pylist()
     if any(k is None for k in keys):
-        report.problems.append("null keys")
-    else:
-        if len(set(keys)) != len(keys):
-            report.problems.append(f"{len(keys) - len(set(keys))} duplicate key(s)")
-        if keys != sorted(keys):
-            report.problems.append("rows are not sorted by key")
-        prefix = shard_key(shard_id)
-        foreign = [k for k in keys if not k.startswith(prefix)]
-        if foreign:
-            report.problems.append(f"{len(foreign)} key(s) not of shard {prefix}, e.g. {foreign[:3]}")
+        report.fail("null keys", f"{sum(k is None for k in keys)} null key(s)")
+        return report
+    seen: set[str] = set()
+    duplicated = sorted({k for k in keys if k in seen or seen.add(k)})
+    if duplicated:
+        report.fail("duplicate keys", f"{len(keys) - len(set(keys))} duplicate key(s), first {duplicated[0]}")
+    unsorted = next((keys[i + 1] for i in range(len(keys) - 1) if keys[i + 1] < keys[i]), None)
+    if unsorted is not None:
+        report.fail("unsorted keys", f"rows are not sorted by key, first out of order {unsorted}")
+    prefix = shard_key(shard_id)
+    foreign = [k for k in keys if not k.startswith(prefix)]
+    if foreign:
+        report.fail("foreign keys", f"{len(foreign)} key(s) not of shard {prefix}, first {foreign[0]}")
     return report

@@ -42,6 +42,9 @@ class StorageLayout:
     def _join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def metadata_dir(self) -> str:
+        return self._join("metadata")
+
     def metadata_shard(self, shard_id: int) -> str:
         return self._join("metadata", f"{shard_key(shard_id)}.parquet")
 

@@ -194,6 +194,8 @@ def encode_code_shard(
         "shard": f"{shard_id:05d}",
         "source_tar_bytes": size(tar_url),
         "undecodable": dict(undecodable),
+        # so an audit can tell a key left out on purpose from a lost one
+        "undecodable_keys": sorted(undecodable_keys),
         **(provenance or {}),
     }
     nbytes = write_codes_parquet(table, dest, file_meta)

@@ -10,6 +10,7 @@ The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vq
 from .checkpoint import (
     CheckpointError,
     ForeignObject,
+    has_random_weights,
     load_decoder,
     load_encoder,
     load_state_dict,
@@ -30,6 +31,7 @@ __all__ = [
     "Downsample",
     "Encoder",
     "ForeignObject",
+    "has_random_weights",
     "GumbelCodebook",
     "GumbelQuantizeHead",
     "Normalize",

@@ -204,6 +204,14 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _extract_state_dict(obj, os.fspath(path))
 
 
+def has_random_weights(path: str | os.PathLike[str]) -> bool:
+    """True for a checkpoint written by :func:`save_random_checkpoint` (its top-level note says so): codes
+    made with it are noise, and the pages that show them must say so."""
+    with _local_copy(path) as local:
+        obj = _load_weights_only(local)
+    return isinstance(obj, dict) and obj.get("laion_vq_note") == RANDOM_WEIGHTS_NOTE
+
+
 def _summarise(items: list[str]) -> str:
     shown = ", ".join(items[:_SHOW])
     return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import dagster as dg
@@ -17,8 +17,12 @@ def for_each_shard(
     context: dg.AssetExecutionContext,
     work: Callable[[int], T],
     metadata: Callable[[T], dict],
+    excluded: Mapping[str, str] | None = None,
 ) -> list[T]:
     """Run `work` for every partition of this run, recording each shard's metadata on its own partition.
+
+    Shards on the operator's exclusion list (`excluded`: key → reason) are not worked on; their partition
+    records `excluded: <reason>` instead, so a backfill over all 10,000 shards skips them visibly.
 
     One bad shard does not stop the others. If any failed, the shards that succeeded are still recorded
     as materialized (their files are published) and the step then fails naming every failed shard and
@@ -28,7 +32,12 @@ def for_each_shard(
     results: list[T] = []
     done: dict[str, dict] = {}
     failures: dict[str, str] = {}
+    excluded = excluded or {}
     for index, key in enumerate(keys, start=1):
+        if key in excluded:
+            context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
+            done[key] = {"excluded": excluded[key], "dagster/row_count": 0}
+            continue
         try:
             result = work(parse_shard_key(key))
         except Exception as err:  # noqa: BLE001 - reported below, per shard, never swallowed

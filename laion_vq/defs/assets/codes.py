@@ -12,9 +12,12 @@ import numpy as np
 from laion_vq import settings
 from laion_vq.defs.assets._runs import for_each_shard, throttled
 from laion_vq.defs.assets.images import image_tars
+from laion_vq.defs.check_state import IMAGES_CHECK, failed_with_error
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
+from laion_vq.shards.exclusions import read_exclusions
+from laion_vq.shards.tar_reader import CorruptShardError
 from laion_vq.stages import CodeShardResult, encode_code_shard
 
 ENCODE_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.ENCODE_SHARDS_PER_RUN.get_int())
@@ -55,8 +58,8 @@ def _metadata(result: CodeShardResult) -> dict:
 
 
 def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, result: CodeShardResult) -> dict:
-    """Samples beside their reconstructions (decoded from the stored codes), for the first shard of a run:
-    a few images per run are enough to spot a wrong checkpoint, and keep the event log small."""
+    """Samples beside their reconstructions (decoded from the stored codes), on the first and the last shard
+    of a run: the last is the asset's latest materialization, the page users land on."""
     if result.sample_images is None or result.sample_codes is None:
         return {}
     try:
@@ -65,7 +68,37 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
         context.log.warning(f"no reconstructions in the preview: {type(err).__name__}: {err}")
         return {}
     png = samples_vs_reconstructions_png(result.sample_images, recon)
-    return {"samples_vs_reconstructions": dg.MetadataValue.md(png_markdown(png, "originals (top), reconstructions"))}
+    caption = "originals (top), reconstructions"
+    if encoder.random_weights():
+        caption += " — RANDOM WEIGHTS: noise is expected"
+    return {"samples_vs_reconstructions": dg.MetadataValue.md(png_markdown(png, caption))}
+
+
+def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
+    """On every partition's page: which checkpoint, model, precision and index rule made its codes."""
+    meta = {
+        "model": encoder.model,
+        "checkpoint": dg.MetadataValue.path(encoder.checkpoint or ""),
+        "checkpoint_sha256": provenance["checkpoint_sha256"],
+        "dtype": encoder.dtype,
+        "index_rule": provenance["index_rule"],
+        "random_weights": provenance["random_weights"],
+    }
+    if provenance["random_weights"]:
+        meta["warning"] = dg.MetadataValue.md(
+            "**Random weights.** This checkpoint was made by `save_random_checkpoint` (tests, the demo): its codes "
+            "and reconstructions are noise. Set `LAION_VQ_CHECKPOINT` to a trained taming-transformers checkpoint."
+        )
+    return meta
+
+
+def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """Shards of this run whose tar check's latest, current result is an ERROR: never encoded (the check
+    is blocking within a run; this covers encoder runs launched on their own)."""
+    failed = failed_with_error(context.instance, IMAGES_CHECK, list(context.partition_keys))
+    for key, result in sorted(failed.items()):
+        context.log.error(f"shard {key}: {IMAGES_CHECK.name} failed ({result.detail}); not encoding it")
+    return {key: f"{result.reason}: {result.detail}" for key, result in failed.items()}
 
 
 @dg.asset(
@@ -74,7 +107,8 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
     backfill_policy=ENCODE_BACKFILL_POLICY,
     pool="gpu",
     op_tags=GPU_TAGS,
-    automation_condition=dg.AutomationCondition.eager(),  # acted on by the `shard_automation` sensor
+    # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     group_name="laion",
     kinds={"pytorch", "parquet"},
     description=__doc__,
@@ -92,21 +126,26 @@ def code_parquets(
         f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} "
         f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s)"
     )
-    provenance = {
-        "checkpoint": encoder.checkpoint,
-        "checkpoint_sha256": encoder.checkpoint_sha256(),
-        "index_rule": "argmax",
-        "dtype": encoder.dtype,
-    }
+    provenance = encoder.provenance()
+    if provenance["random_weights"]:
+        context.log.warning(f"{encoder.checkpoint} has RANDOM weights: its codes are noise (fine for tests/demo)")
+    failed_tars = refuse_failed_tars(context)
 
     def encode(batch: np.ndarray) -> np.ndarray:
         return model.encode_uint8(batch, batch_size=encoder.batch_size, dtype=dtype)
 
-    previewed: list[int] = []
+    keys = list(context.partition_keys)
+    preview_on = {keys[0], keys[-1]}
 
     def work(shard: int) -> CodeShardResult:
-        keep = encoder.preview_samples if not previewed else 0
-        result = encode_code_shard(
+        key = f"{shard:05d}"
+        if key in failed_tars:
+            raise CorruptShardError(
+                f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
+                "then re-run the check"
+            )
+        keep = encoder.preview_samples if key in preview_on else 0
+        return encode_code_shard(
             layout,
             shard,
             model_name=encoder.model,
@@ -121,24 +160,12 @@ def code_parquets(
             progress=throttled(context.log.info),
             keep_samples=keep,
         )
-        if keep and result.sample_images is not None:
-            previewed.append(shard)
-        return result
 
-    made_by = {  # on every partition's page: which checkpoint, model, precision and index rule made it
-        "model": encoder.model,
-        "checkpoint": dg.MetadataValue.path(encoder.checkpoint or ""),
-        "checkpoint_sha256": provenance["checkpoint_sha256"],
-        "dtype": encoder.dtype,
-        "index_rule": provenance["index_rule"],
-    }
+    provenance_meta = made_by(encoder, provenance)
 
     def metadata(result: CodeShardResult) -> dict:
-        meta = {**_metadata(result), **made_by}
-        if previewed and previewed[0] == result.shard_id:
-            meta.update(_preview(context, encoder, result))
-        return meta
+        return {**_metadata(result), **provenance_meta, **_preview(context, encoder, result)}
 
-    results = for_each_shard(context, work, metadata)
+    results = for_each_shard(context, work, metadata, read_exclusions(layout))
     encoded = sum(r.encoded for r in results)
     context.log.info(f"encoded {encoded} images in {time.perf_counter() - started:.1f}s")

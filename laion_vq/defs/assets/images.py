@@ -6,6 +6,7 @@ from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource
+from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.stages import ImageShardResult, download_image_shard
 
 
@@ -62,4 +63,4 @@ def image_tars(
             replace_worse=downloader.replace_worse,
         )
 
-    for_each_shard(context, work, _metadata)
+    for_each_shard(context, work, _metadata, read_exclusions(layout))

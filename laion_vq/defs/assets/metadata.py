@@ -6,6 +6,7 @@ from laion_vq import settings
 from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource
+from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.stages import MetadataShardResult, write_metadata_shard
 
 #: Metadata and download share one policy so a backfill runs both for a batch of shards in one run.
@@ -35,4 +36,5 @@ def raw_metadata_shards(
 ) -> None:
     laion = metadata.open()
     layout = storage.layout
-    for_each_shard(context, lambda shard: write_metadata_shard(laion, layout, shard), _metadata)
+    excluded = read_exclusions(layout)
+    for_each_shard(context, lambda shard: write_metadata_shard(laion, layout, shard), _metadata, excluded)

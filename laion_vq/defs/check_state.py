@@ -1,0 +1,81 @@
+"""Reading the per-shard check results back from the instance: for the encoder (never encode a tar whose
+check failed) and the corrupted-shards report. One query per check for all partitions, then one for the
+evaluation events of the failed ones (a handful among 10,000)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+from dagster._core.events import DagsterEventType
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+METADATA_CHECK = dg.AssetCheckKey(dg.AssetKey("raw_metadata_shards"), "raw_metadata_shards_valid")
+IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "image_tars_complete")
+CODES_CHECK = dg.AssetCheckKey(dg.AssetKey("code_parquets"), "code_parquets_contract")
+SHARD_CHECK_KEYS = (METADATA_CHECK, IMAGES_CHECK, CODES_CHECK)
+
+
+@dataclass(frozen=True)
+class ShardCheckResult:
+    """The latest evaluation of one check on one shard."""
+
+    shard: str
+    check: str
+    passed: bool
+    severity: str
+    reason: str | None
+    detail: str | None
+    checked_at: float
+    current: bool  # targets the shard's latest materialization (a re-materialization makes it stale)
+
+
+def latest_results(
+    instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition_keys: Sequence[str] | None = None
+) -> list[ShardCheckResult]:
+    """Every shard's latest result of `check` (or those in `partition_keys`); shards never evaluated are
+    absent. Passed results carry no detail (not fetched: they are the 99.9 %)."""
+    infos = instance.event_log_storage.get_asset_check_partition_info([check], partition_keys=partition_keys)
+    done = {
+        AssetCheckExecutionRecordStatus.SUCCEEDED,
+        AssetCheckExecutionRecordStatus.FAILED,
+    }
+    infos = [i for i in infos if i.partition_key is not None and i.latest_execution_status in done]
+    failed_ids = [i.latest_check_event_storage_id for i in infos if i.latest_execution_status.value == "FAILED"]
+    events = {}
+    for start in range(0, len(failed_ids), 500):
+        ids = failed_ids[start : start + 500]
+        records = instance.get_event_records(
+            dg.EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=ids), limit=len(ids)
+        )
+        events.update({r.storage_id: r for r in records})
+    results = []
+    for info in infos:
+        record = events.get(info.latest_check_event_storage_id)
+        evaluation = record.event_log_entry.dagster_event.event_specific_data if record else None
+        reason = evaluation.metadata.get("reason") if evaluation else None
+        results.append(
+            ShardCheckResult(
+                shard=info.partition_key,
+                check=check.name,
+                passed=info.latest_execution_status == AssetCheckExecutionRecordStatus.SUCCEEDED,
+                severity=evaluation.severity.value if evaluation else "ERROR",
+                reason=None if reason is None else str(reason.value),
+                detail=evaluation.description if evaluation else None,
+                checked_at=record.timestamp if record else 0.0,
+                current=info.is_current,
+            )
+        )
+    return results
+
+
+def failed_with_error(
+    instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition_keys: Sequence[str]
+) -> dict[str, ShardCheckResult]:
+    """Shards whose latest, still-current result of `check` is a failure with ERROR severity."""
+    return {
+        r.shard: r
+        for r in latest_results(instance, check, partition_keys)
+        if not r.passed and r.current and r.severity == "ERROR"
+    }
