@@ -1,0 +1,8 @@
+"""Run launchers for deployments beyond one machine (`deploy/`): the stock dagster-aws and dagster-k8s
+launchers, with each run placed by the tags its steps carry (`placement.py`), so encoder runs land on GPU
+hosts and downloads on CPU hosts however the run was created.
+
+`laion_vq.launchers.ecs.LaionEcsRunLauncher` (dagster-aws) and `laion_vq.launchers.k8s.LaionK8sRunLauncher`
+(dagster-k8s, the `deploy` extra) are imported by the instance (`run_launcher:` in its yaml), never by
+the code location.
+"""
