@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_vq.audit import audit_image_shards
+from laion_vq.audit import audit_image_shard
 from laion_vq.download import DownloadOptions
 from laion_vq.fixtures.image_server import ImageServer
 from laion_vq.fixtures.synthetic_metadata import laion_table
@@ -41,9 +41,16 @@ def _first_jpeg(tar_path: str) -> tuple[str, int, int]:
         return member.name[:-4], member.offset_data, member.size
 
 
+def _audit(layout: StorageLayout) -> dict[str, list[str]]:
+    """{shard: [problem details]} for every shard with an ERROR."""
+    verdicts = [audit_image_shard(layout, f"{shard:05d}", min_success_rate=0.3) for shard in range(SHARDS)]
+    return {v.shard: [p.detail for p in v.errors] for v in verdicts if v.errors}
+
+
 def test_intact_shards_pass(layout: StorageLayout) -> None:
-    report = audit_image_shards(layout, min_success_rate=0.3)
-    assert report.ok and report.shards_checked == SHARDS and not report.warnings
+    verdicts = [audit_image_shard(layout, f"{shard:05d}", min_success_rate=0.3) for shard in range(SHARDS)]
+    assert all(v.passed for v in verdicts)
+    assert [v.counts["rows"] for v in verdicts] == [8] * SHARDS
 
 
 def test_each_defect_is_caught_on_its_own_shard(layout: StorageLayout) -> None:
@@ -63,10 +70,10 @@ def test_each_defect_is_caught_on_its_own_shard(layout: StorageLayout) -> None:
     status = status.set_column(status.column_names.index("status"), "status", pa.array(statuses))
     pq.write_table(status, layout.image_status(3))
 
-    report = audit_image_shards(layout, min_success_rate=0.3)
-    assert sorted(report.corrupted) == ["00001", "00002", "00003"]
-    assert report.corrupted["00001"][0].startswith("tar unreadable:")
-    assert report.corrupted["00002"] == [
+    corrupted = _audit(layout)
+    assert sorted(corrupted) == ["00001", "00002", "00003"]
+    assert corrupted["00001"][0].startswith("tar unreadable:")
+    assert corrupted["00002"] == [
         f"1 image(s) whose bytes differ from the sha256 recorded at download, first {key}"
     ]
-    assert f"1 tar sample(s) without a success row, first {status.column('key')[flipped]}" in report.corrupted["00003"]
+    assert f"1 tar sample(s) without a success row, first {status.column('key')[flipped]}" in corrupted["00003"]

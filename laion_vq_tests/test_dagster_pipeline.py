@@ -12,7 +12,8 @@ import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.defs.checks import code_parquets_contract, image_tars_complete
+from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, latest_results
+from laion_vq.defs.checks import SHARD_CHECKS, code_parquets_contract
 from laion_vq.defs.resources import (
     DownloaderResource,
     LaionMetadataResource,
@@ -40,12 +41,10 @@ def pipeline(tmp_path, image_server, tiny_checkpoint):
         "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", batch_size=4),
     }
     job = dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets])
-    check_job = dg.define_asset_job(
-        "check", selection=dg.AssetSelection.checks(code_parquets_contract, image_tars_complete)
-    )
+    check_job = dg.define_asset_job("check", selection=dg.AssetSelection.checks(*SHARD_CHECKS))
     defs = dg.Definitions(
         assets=[raw_metadata_shards, image_tars, code_parquets],
-        asset_checks=[code_parquets_contract, image_tars_complete],
+        asset_checks=SHARD_CHECKS,
         jobs=[job, check_job],
         resources=resources,
         executor=dg.in_process_executor,
@@ -60,9 +59,10 @@ def _run_two_shards(defs, instance):
     )
 
 
-def _check(defs, instance) -> dict:
+def _check(defs, instance) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
+    """Run the audit job (no partition: every shard) → {(check, shard): its evaluation}."""
     result = defs.resolve_job_def("check").execute_in_process(instance=instance, raise_on_error=False)
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+    return {(e.check_name, e.partition): e for e in result.get_asset_check_evaluations()}
 
 
 def _failure_text(result) -> str:
@@ -109,10 +109,11 @@ def _assert_pipeline_outputs(instance, layout, urls):
             assert row["url"] in urls[shard] and row["caption"].startswith("a photo")
         status = pq.read_table(layout.image_status(shard))
         assert status.num_rows == SAMPLES
-        # pictures users look at: a code-usage histogram per shard, reconstructions for a run's first shard
+        # pictures users look at: a code-usage histogram per shard, reconstructions on a run's first and last
+        # shard (the last is the asset's latest materialization, the page users land on); random weights said
         assert c["code_usage"].startswith("![code usage](data:image/png;base64,")
-    assert codes["00000"]["samples_vs_reconstructions"].startswith("![originals (top), reconstructions](data:image/png")
-    assert "samples_vs_reconstructions" not in codes["00001"]
+        assert c["samples_vs_reconstructions"].startswith("![originals (top), reconstructions — RANDOM WEIGHTS")
+        assert c["random_weights"] is True and "Random weights" in c["warning"]
 
 
 def test_two_shards_in_one_run_ephemeral_instance(pipeline):
@@ -121,33 +122,35 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         result = _run_two_shards(defs, instance)
         assert result.success
         _assert_pipeline_outputs(instance, layout, urls)
-        # the checks ran inside the run, on that run's shards only (not all of storage)
-        in_run = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        assert set(in_run) == {"code_parquets_contract", "image_tars_complete"}
+        # the checks ran inside the run: one evaluation per shard and check, each on its own partition
+        in_run = {(e.check_name, e.partition): e for e in result.get_asset_check_evaluations()}
+        assert set(in_run) == {(c, k) for c in ("raw_metadata_shards_valid", "image_tars_complete",
+                                                "code_parquets_contract") for k in ("00000", "00001")}
         assert all(e.passed for e in in_run.values())
-        assert in_run["code_parquets_contract"].metadata["scope"].value == "this run's 2 shard(s)"
         one = dg.materialize(
             [code_parquets, code_parquets_contract], partition_key="00001", instance=instance,
             resources=defs.resources,
         )
-        scoped = {e.check_name: e for e in one.get_asset_check_evaluations()}
-        assert scoped["code_parquets_contract"].metadata["shards_checked"].value == 1
-        assert scoped["code_parquets_contract"].metadata["scope"].value == "this run's 1 shard(s)"
+        assert [(e.check_name, e.partition) for e in one.get_asset_check_evaluations()] == [
+            ("code_parquets_contract", "00001")
+        ]
         evaluations = _check(defs, instance)
-        assert evaluations["code_parquets_contract"].metadata["scope"].value == "all shards on storage"
-        assert all(e.passed for e in evaluations.values())
-        assert evaluations["code_parquets_contract"].metadata["shards_checked"].value == 2
-        assert evaluations["image_tars_complete"].metadata["rows_checked"].value == 2 * SAMPLES
+        assert len(evaluations) == 6 and all(e.passed for e in evaluations.values())
+        assert evaluations[("image_tars_complete", "00000")].metadata["rows"].value == SAMPLES
 
-        # corrupt shards on storage: each check fails and names its shard, the good one is not blamed
+        # corrupt shards on storage: each check fails on its shard only and names why; the good ones pass
         with open(layout.code_shard(TINY_MODEL, 1), "wb") as f:
             f.write(b"PAR1 truncated garbage")
         os.remove(layout.image_stats(0))
         evaluations = _check(defs, instance)
-        assert not evaluations["code_parquets_contract"].passed
-        assert evaluations["code_parquets_contract"].metadata["corrupted_shard_list"].value == "00001"
-        assert not evaluations["image_tars_complete"].passed
-        assert evaluations["image_tars_complete"].metadata["corrupted"].value == {"00000": ["stats json missing"]}
+        failed = {key for key, e in evaluations.items() if not e.passed}
+        assert failed == {("code_parquets_contract", "00001"), ("image_tars_complete", "00000")}
+        assert evaluations[("image_tars_complete", "00000")].metadata["reason"].value == "stats json missing"
+        assert evaluations[("code_parquets_contract", "00001")].description.startswith("unreadable parquet")
+        # … and the instance holds exactly that per partition (what the check's Partitions page shows)
+        codes_state = {r.shard: r.passed for r in latest_results(instance, CODES_CHECK)}
+        images_state = {r.shard: r.passed for r in latest_results(instance, IMAGES_CHECK)}
+        assert codes_state == {"00000": True, "00001": False} and images_state == {"00000": False, "00001": True}
 
         # a second run over the same shards replaces the files whole (atomic publish, no temp leftovers)
         assert _run_two_shards(defs, instance).success

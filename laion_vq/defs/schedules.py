@@ -13,6 +13,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from laion_vq import settings
 from laion_vq.defs.partitions import shard_partitions
+from laion_vq.shards.exclusions import read_exclusions
 
 if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
@@ -108,11 +109,16 @@ def download_missing_shards(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDef
         job=job,
         cron_schedule="*/15 * * * *",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Download the next missing shards each tick (skips in-flight and failed-too-often ones).",
+        description="Download the next missing shards each tick (skips in-flight, failed-too-often and "
+        "excluded ones).",
+        required_resource_keys={"storage"},
     )
     def _schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest] | dg.SkipReason:
         instance = context.instance
-        done = instance.get_materialized_partitions(dg.AssetKey("image_tars"))
+        excluded = read_exclusions(context.resources.storage.layout)
+        if excluded:
+            context.log.info(f"skipping {len(excluded)} excluded shard(s) (excluded_shards.csv)")
+        done = instance.get_materialized_partitions(dg.AssetKey("image_tars")) | set(excluded)
         unfinished = instance.get_run_records(dg.RunsFilter(job_name=job.name, statuses=_UNFINISHED))
         failed = instance.get_run_records(
             dg.RunsFilter(job_name=job.name, statuses=[dg.DagsterRunStatus.FAILURE]), limit=5000
@@ -127,7 +133,10 @@ def download_missing_shards(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDef
             shards_per_run=settings.DOWNLOAD_SHARDS_PER_RUN.get_int(),
         )
         if not batches:
-            return dg.SkipReason(f"nothing to download: {len(done)} shards done, the rest in flight or failing")
+            return dg.SkipReason(
+                f"nothing to download: {len(done - set(excluded))} shards done, {len(excluded)} excluded, "
+                "the rest in flight or failing"
+            )
         return (
             dg.RunRequest(
                 run_key=batch.run_key,
