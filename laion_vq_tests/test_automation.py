@@ -51,3 +51,37 @@ def test_the_sensor_is_off_by_default_and_emits_backfills() -> None:
     assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert sensor.emit_backfills
+
+
+def test_the_encoder_waits_for_a_passing_tar_check() -> None:
+    """Across runs: a shard whose tar check failed (ERROR, on its latest tar) is not encoded; its neighbour
+    whose check passed is. Nothing else is re-requested (the checks already ran on these tars)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+
+    images, codes = dg.AssetKey("image_tars"), dg.AssetKey("code_parquets")
+    good, bad = "00007", "00008"
+    with dg.instance_for_test() as instance:
+        first, _ = _evaluate(instance)
+        _land(instance, "image_tars", [good, bad])
+        for shard in (good, bad):
+            record = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=images, asset_partitions=[shard]), limit=1
+            ).records[0]
+            instance.report_runless_asset_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=images,
+                    check_name="image_tars_complete",
+                    passed=shard == good,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    partition=shard,
+                    blocking=True,
+                    target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+                        storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+                    ),
+                )
+            )
+        result, _ = _evaluate(instance, first.cursor)
+        assert result.get_requested_partitions(codes) == {good}
+        assert result.get_num_requested(images) == 0

@@ -38,7 +38,7 @@ def test_backfill_never_puts_the_encoder_in_a_download_run():
         else:
             assert keys == {"raw_metadata_shards", "image_tars"}
             download_runs.append(width)
-            assert checks == {"image_tars_complete"}
+            assert checks == {"raw_metadata_shards_valid", "image_tars_complete"}
     # 1,000 shards: 125 download runs of 8 shards, 4 encoder runs of ≤ 256 shards (one model load each)
     assert sorted(download_runs) == [8] * 125
     assert sum(encode_runs) == 1000 and max(encode_runs) == 256 and len(encode_runs) == 4

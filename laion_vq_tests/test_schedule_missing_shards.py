@@ -13,7 +13,10 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from dagster._core.test_utils import create_run_for_test
 
 from laion_vq.definitions import defs
+from laion_vq.defs.resources import StorageResource
 from laion_vq.defs.schedules import ShardBatch, next_missing_batches
+from laion_vq.shards.exclusions import write_exclusions
+from laion_vq.shards.storage import StorageLayout
 
 KEYS = [f"{i:05d}" for i in range(20)]
 
@@ -54,37 +57,44 @@ def _fabricate(instance: dg.DagsterInstance) -> None:
             )  # fmt: skip
 
 
-def _tick(instance: dg.DagsterInstance) -> tuple[list[dg.RunRequest], float]:
+def _tick(instance: dg.DagsterInstance, root: str) -> tuple[list[dg.RunRequest], float]:
     schedule = defs.get_schedule_def("download_missing_shards")
     started = time.perf_counter()
-    data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    context = dg.build_schedule_context(instance=instance, resources={"storage": StorageResource(root=root)})
+    data = schedule.evaluate_tick(context)
     return list(data.run_requests or []), time.perf_counter() - started
 
 
-def _assert_the_tick(instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+def _assert_the_tick(instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, root: str) -> None:
     monkeypatch.setenv("LAION_VQ_SCHEDULE_SHARDS_PER_TICK", "10")
     _fabricate(instance)
-    requests, seconds = _tick(instance)
+    write_exclusions(StorageLayout(root), {"00012": "source part unreadable"})
+    requests, seconds = _tick(instance, root)
     ranges = [(r.tags[ASSET_PARTITION_RANGE_START_TAG], r.tags[ASSET_PARTITION_RANGE_END_TAG]) for r in requests]
-    assert ranges == [("00009", "00016"), ("00017", "00018")]  # 10 shards, runs of up to 8
-    assert [r.run_key for r in requests] == ["00009-00016-attempt1", "00017-00018-attempt0"]
-    again, _ = _tick(instance)
+    # 10 shards in runs of up to 8 consecutive ones; 00012 is on the exclusion list: never asked for
+    assert ranges == [("00009", "00011"), ("00013", "00019")]
+    assert [r.run_key for r in requests] == ["00009-00011-attempt1", "00013-00019-attempt0"]
+    again, _ = _tick(instance, root)
     assert [r.run_key for r in again] == [r.run_key for r in requests]  # the daemon skips keys it has seen
     print(f"tick over 10,000 partitions with 286 done: {seconds:.2f} s")
 
 
-def test_the_tick_on_an_ephemeral_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tick_on_an_ephemeral_instance(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     with dg.instance_for_test() as instance:
-        _assert_the_tick(instance, monkeypatch)
+        _assert_the_tick(instance, monkeypatch, str(tmp_path))
 
 
-def test_the_tick_on_postgres(postgres_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
-    _assert_the_tick(postgres_instance, monkeypatch)
+def test_the_tick_on_postgres(
+    postgres_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _assert_the_tick(postgres_instance, monkeypatch, str(tmp_path))
 
 
-def test_a_tick_with_nothing_to_do_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tick_with_nothing_to_do_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("LAION_VQ_SCHEDULE_SHARDS_PER_TICK", "0")
     with dg.instance_for_test() as instance:
         schedule = defs.get_schedule_def("download_missing_shards")
-        data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        storage = StorageResource(root=str(tmp_path))
+        context = dg.build_schedule_context(instance=instance, resources={"storage": storage})
+        data = schedule.evaluate_tick(context)
         assert not data.run_requests and "nothing to download" in (data.skip_message or "")

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 METADATA_CHECK = dg.AssetCheckKey(dg.AssetKey("raw_metadata_shards"), "raw_metadata_shards_valid")
@@ -42,18 +43,12 @@ def latest_results(
         AssetCheckExecutionRecordStatus.FAILED,
     }
     infos = [i for i in infos if i.partition_key is not None and i.latest_execution_status in done]
-    failed_ids = [i.latest_check_event_storage_id for i in infos if i.latest_execution_status.value == "FAILED"]
-    events = {}
-    for start in range(0, len(failed_ids), 500):
-        ids = failed_ids[start : start + 500]
-        records = instance.get_event_records(
-            dg.EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=ids), limit=len(ids)
-        )
-        events.update({r.storage_id: r for r in records})
+    failed = [i.partition_key for i in infos if i.latest_execution_status == AssetCheckExecutionRecordStatus.FAILED]
+    evaluations = {key: _latest_evaluation(instance, check, key) for key in failed}
     results = []
     for info in infos:
-        record = events.get(info.latest_check_event_storage_id)
-        evaluation = record.event_log_entry.dagster_event.event_specific_data if record else None
+        entry = evaluations.get(info.partition_key)
+        evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
         reason = evaluation.metadata.get("reason") if evaluation else None
         results.append(
             ShardCheckResult(
@@ -63,11 +58,19 @@ def latest_results(
                 severity=evaluation.severity.value if evaluation else "ERROR",
                 reason=None if reason is None else str(reason.value),
                 detail=evaluation.description if evaluation else None,
-                checked_at=record.timestamp if record else 0.0,
+                checked_at=entry.timestamp if entry else 0.0,
                 current=info.is_current,
             )
         )
     return results
+
+
+def _latest_evaluation(instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition: str) -> EventLogEntry | None:
+    """The event of the shard's latest execution of `check` (its severity, description and metadata)."""
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        check, limit=1, partition_filter=PartitionKeyFilter(key=partition)
+    )
+    return history[0].event if history else None
 
 
 def failed_with_error(

@@ -185,6 +185,9 @@ def raw_metadata_shards_valid(
             asset=image_tars,
             partitions_def=shard_partitions,
             blocking=True,
+            # requested with every new tar (by the `shard_automation` sensor), so the encoder that waits
+            # for it (`all_deps_blocking_checks_passed`) can be requested in the same tick, behind it
+            automation_condition=dg.AutomationCondition.eager(),
             description="One status row per metadata row; img2dataset's stats agree; the tar reads to the end "
             "with an image, caption and json per success and each image hashing to the sha256 recorded at "
             f"download. ERROR names the first bad key; a success rate below {MIN_SUCCESS_RATE:.0%} is a WARN.",
