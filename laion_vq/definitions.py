@@ -6,18 +6,18 @@ automation sensor, resources), over the Dagster-free core (`vqgan`, `shards`, `d
 
 import dagster as dg
 
-from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
 from laion_vq.defs.automation import shard_automation
 from laion_vq.defs.checks import SHARD_CHECKS
-from laion_vq.defs.jobs import check_job, download_job, encode_job, pipeline_job
+from laion_vq.defs.jobs import check_job, download_job, encode_job, pipeline_job, report_job
 from laion_vq.defs.resources import default_resources
-from laion_vq.defs.schedules import download_missing_shards, nightly_audit
+from laion_vq.defs.schedules import daily_report, download_missing_shards, nightly_audit
 
 defs = dg.Definitions(
-    assets=[raw_metadata_shards, image_tars, code_parquets],
+    assets=[raw_metadata_shards, image_tars, code_parquets, corrupted_shards_report],
     asset_checks=SHARD_CHECKS,
-    jobs=[download_job, encode_job, pipeline_job, check_job],
-    schedules=[nightly_audit(check_job), download_missing_shards(download_job)],
+    jobs=[download_job, encode_job, pipeline_job, check_job, report_job],
+    schedules=[nightly_audit(check_job), download_missing_shards(download_job), daily_report(report_job)],
     sensors=[shard_automation],
     resources=default_resources(),
     executor=dg.in_process_executor,

@@ -1,6 +1,7 @@
-"""Reading the per-shard check results back from the instance: for the encoder (never encode a tar whose
-check failed) and the corrupted-shards report. One query per check for all partitions, then one for the
-evaluation events of the failed ones (a handful among 10,000)."""
+"""Reading per-shard state back from the instance: check results (for the encoder, which never encodes a
+tar whose check failed, and for the corrupted-shards report) and each partition's latest materialization.
+One query per check for all partitions, then one per failed shard (a handful among 10,000) for its
+evaluation; materializations in pages of 500 partitions."""
 
 from __future__ import annotations
 
@@ -63,6 +64,26 @@ def latest_results(
             )
         )
     return results
+
+
+def latest_materializations(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: Sequence[str], chunk: int = 500
+) -> dict[str, dg.EventLogRecord]:
+    """The newest materialization record of each partition in `keys` (paged queries, newest first)."""
+    latest: dict[str, dg.EventLogRecord] = {}
+    for start in range(0, len(keys), chunk):
+        part = list(keys[start : start + chunk])
+        cursor = None
+        while True:
+            page = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=part), limit=5000, cursor=cursor
+            )
+            for record in page.records:
+                latest.setdefault(record.partition_key, record)
+            if not page.has_more:
+                break
+            cursor = page.cursor
+    return latest
 
 
 def _latest_evaluation(instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition: str) -> EventLogEntry | None:

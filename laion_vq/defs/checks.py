@@ -15,7 +15,7 @@ waits for it to pass (its automation condition) and refuses shards whose latest 
 
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
@@ -32,7 +32,7 @@ from laion_vq.audit import (
     audit_metadata_shard,
 )
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, METADATA_CHECK
+from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, METADATA_CHECK, latest_materializations
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.shards.exclusions import read_exclusions
@@ -56,26 +56,6 @@ def _shards_to_audit(context: dg.AssetCheckExecutionContext, asset_key: dg.Asset
         return sorted(context.partition_keys)
     keys = set(context.instance.get_materialized_partitions(asset_key)) | _stored_shards(directory, ".parquet")
     return sorted(k for k in keys if shard_partitions.has_partition_key(k))
-
-
-def latest_materializations(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: Sequence[str], chunk: int = 500
-) -> dict[str, dg.EventLogRecord]:
-    """The newest materialization record of each partition in `keys` (paged queries, newest first)."""
-    latest: dict[str, dg.EventLogRecord] = {}
-    for start in range(0, len(keys), chunk):
-        part = list(keys[start : start + chunk])
-        cursor = None
-        while True:
-            page = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=part), limit=5000, cursor=cursor
-            )
-            for record in page.records:
-                latest.setdefault(record.partition_key, record)
-            if not page.has_more:
-                break
-            cursor = page.cursor
-    return latest
 
 
 def _evaluation(check: dg.AssetCheckKey, verdict: ShardVerdict, target: dg.EventLogRecord | None, blocking: bool):

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
 from laion_vq.defs.assets.codes import GPU_TAGS
 from laion_vq.defs.checks import SHARD_CHECKS
 
@@ -38,4 +38,12 @@ check_job = dg.define_asset_job(
     selection=dg.AssetSelection.checks(*SHARD_CHECKS),
     executor_def=dg.in_process_executor,
     description="Audit every metadata shard, image tar and code parquet; one result per shard and check.",
+)
+
+#: The corrupted-shards report and the dataset card, from the instance's per-shard state.
+report_job = dg.define_asset_job(
+    "corrupted_shards_report_job",
+    selection=[corrupted_shards_report],
+    executor_def=dg.in_process_executor,
+    description="Summarise every shard's checks and counts; regenerate the dataset card.",
 )

@@ -39,6 +39,17 @@ def nightly_audit(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
     )
 
 
+def daily_report(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+    """Refresh the corrupted-shards report and the dataset card at 06:00, after the nightly audit."""
+    return dg.ScheduleDefinition(
+        name="daily_corrupted_shards_report",
+        job=job,
+        cron_schedule="0 6 * * *",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Summarise every shard's check results and counts; regenerate codes/<model>/README.md.",
+    )
+
+
 @dataclass(frozen=True)
 class ShardBatch:
     """Consecutive shards one run downloads, and how often its first shard has failed before."""

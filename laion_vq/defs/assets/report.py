@@ -1,0 +1,178 @@
+"""corrupted_shards_report: every shard's check verdicts, counts and exclusion in one parquet, a summary in
+the UI (corrupted shards by check and reason and since when, totals, codebook usage over all shards), and
+the dataset card `codes/<model>/README.md` regenerated from what is on storage.
+
+Reads the instance (each check's per-partition results, each shard's latest materialization metadata),
+never the shards' files: a report over 10,000 shards takes seconds. Refreshed daily after the nightly
+audit (`corrupted_shards_report` schedule) and on demand (Materialize in the UI).
+"""
+
+import time
+
+import dagster as dg
+import polars as pl
+
+from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations, latest_results
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
+from laion_vq.previews import png_markdown
+from laion_vq.report.card import dataset_card, included_code_files
+from laion_vq.report.shards import (
+    CHECKS_SCHEMA,
+    CODES_SCHEMA_REPORT,
+    IMAGES_SCHEMA,
+    METADATA_SCHEMA,
+    build_report,
+    code_usage_plot_png,
+    read_report,
+    summary_markdown,
+    write_report,
+)
+from laion_vq.shards.codes import read_codes_provenance
+from laion_vq.shards.exclusions import read_exclusions
+from laion_vq.shards.numbering import parse_shard_key
+from laion_vq.shards.schema import CODES_SCHEMA
+from laion_vq.shards.storage import filesystem, publish_bytes
+
+
+def _value(metadata: dict, name: str, default=None):  # noqa: ANN001, ANN202 - metadata values of any kind
+    entry = metadata.get(name)
+    return default if entry is None else entry.value
+
+
+def _materialized(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, float, dict]]:
+    """(shard, timestamp, metadata) of each partition's latest materialization; excluded shards' records
+    (skipped, `excluded` in their metadata) are left out: the exclusion list speaks for them."""
+    key = dg.AssetKey(asset)
+    partitions = sorted(instance.get_materialized_partitions(key))
+    rows = []
+    for shard, record in latest_materializations(instance, key, partitions).items():
+        metadata = record.asset_materialization.metadata
+        if "excluded" not in metadata:
+            rows.append((shard, record.timestamp, metadata))
+    return rows
+
+
+def _frames(instance: dg.DagsterInstance) -> dict[str, pl.DataFrame]:
+    checks = [
+        {
+            "shard": r.shard,
+            "check": r.check,
+            "passed": r.passed,
+            "severity": r.severity,
+            "reason": r.reason,
+            "detail": r.detail,
+            "checked_at": r.checked_at,
+        }
+        for key in SHARD_CHECK_KEYS
+        for r in latest_results(instance, key)
+        if r.current  # a result on an older file says nothing about the one on storage now
+    ]
+    metadata = [
+        {"shard": s, "rows": _value(m, "dagster/row_count", 0), "materialized_at": t}
+        for s, t, m in _materialized(instance, "raw_metadata_shards")
+    ]
+    images = [
+        {
+            "shard": s,
+            "rows": _value(m, "dagster/row_count", 0),
+            "successes": _value(m, "successes", 0),
+            "tar_bytes": _value(m, "tar_bytes", 0),
+            "materialized_at": t,
+        }
+        for s, t, m in _materialized(instance, "image_tars")
+    ]
+    codes = [
+        {
+            "shard": s,
+            "encoded": _value(m, "encoded", 0),
+            "undecodable": _value(m, "undecodable", 0),
+            "distinct_codes": _value(m, "distinct_codes", 0),
+            "code_usage": _value(m, "code_usage_counts"),
+            "checkpoint_sha256": _value(m, "checkpoint_sha256"),
+            "materialized_at": t,
+        }
+        for s, t, m in _materialized(instance, "code_parquets")
+    ]
+    return {
+        "checks": pl.DataFrame(checks, schema=CHECKS_SCHEMA),
+        "metadata": pl.DataFrame(metadata, schema=METADATA_SCHEMA),
+        "images": pl.DataFrame(images, schema=IMAGES_SCHEMA),
+        "codes": pl.DataFrame(codes, schema=CODES_SCHEMA_REPORT),
+    }
+
+
+def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa: ANN001 - StorageLayout, ShardReport
+    """The dataset card beside the code parquets, from the stored provenance of an included shard."""
+    fs, path = filesystem(layout.codes_dir(folder))
+    names = [p.rsplit("/", 1)[-1] for p in fs.glob(path.rstrip("/") + "/*.parquet")] if fs.exists(path) else []
+    included = included_code_files(report, names)
+    if not included:
+        return None, 0
+    newest = parse_shard_key(included[-1].removesuffix(".parquet"))
+    provenance = read_codes_provenance(layout.code_shard(folder, newest))
+    card = dataset_card(
+        model=folder,
+        provenance=provenance,
+        report=report,
+        included_files=included,
+        grid=int(provenance.get("grid", 32)),
+        n_embed=int(provenance.get("n_embed", 8192)),
+        code_columns=list(CODES_SCHEMA.names),
+    )
+    publish_bytes(card.encode("utf-8"), layout.dataset_card(folder))
+    return layout.dataset_card(folder), len(included)
+
+
+@dg.asset(
+    group_name="reports",
+    kinds={"polars", "parquet"},
+    description=__doc__,
+)
+def corrupted_shards_report(
+    context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    started = time.perf_counter()
+    frames = _frames(context.instance)
+    read_seconds = time.perf_counter() - started
+    context.log.info(
+        f"read {sum(f.height for f in frames.values())} records from the instance in {read_seconds:.1f}s"
+    )
+    built = time.perf_counter()
+    report = build_report(
+        **frames,
+        exclusions=read_exclusions(layout),
+        previous=read_report(layout.corrupted_shards_report()),
+        num_shards=len(shard_partitions.get_partition_keys()),
+        n_embed=encoder.vqgan_config().n_embed,
+    )
+    nbytes = write_report(report.table, layout.corrupted_shards_report())
+    card_path, included = _write_card(layout, encoder.codes_folder, report)
+    build_seconds = time.perf_counter() - built
+    summary = report.summary
+    return dg.MaterializeResult(
+        metadata={
+            "report": dg.MetadataValue.path(layout.corrupted_shards_report()),
+            "dataset_card": dg.MetadataValue.path(card_path or "(no code parquets yet)"),
+            "corrupted_shards": summary["corrupted_shards"],
+            "warned_shards": summary["warned_shards"],
+            "excluded_shards": summary["excluded_shards"],
+            "shards_downloaded": summary["shards_downloaded"],
+            "shards_encoded": summary["shards_encoded"],
+            "shards_in_card": included,
+            "images_downloaded": summary["images_downloaded"],
+            "overall_success_rate": round(summary["overall_success_rate"], 4),
+            "codes": summary["codes"],
+            "codebook_used": f"{summary['codebook_used']} of {summary['n_embed']}",
+            "corrupted_by_check": dg.MetadataValue.json(summary["corrupted_by_check"]),
+            "corrupted_by_reason": dg.MetadataValue.json(summary["corrupted_by_reason"]),
+            "summary": dg.MetadataValue.md(summary_markdown(report)),
+            "codebook_usage": dg.MetadataValue.md(
+                png_markdown(code_usage_plot_png(report.code_usage), "codebook usage, all shards")
+            ),
+            "read_seconds": round(read_seconds, 2),
+            "build_seconds": round(build_seconds, 2),
+            "report_bytes": nbytes,
+        }
+    )
