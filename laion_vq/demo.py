@@ -99,6 +99,8 @@ def run_pipeline(shards: int, dagster_home: str) -> bool:
             ok = services.wait_for_backfill(backfill) in ("COMPLETED", "COMPLETED_SUCCESS") and ok
         audit = services.launch_run("audit_shards")
         ok = services.wait_for_run(audit) == "SUCCESS" and ok
+        report = services.launch_run("corrupted_shards_report_job")
+        ok = services.wait_for_run(report) == "SUCCESS" and ok
         print(f"\nruns finished in {time.perf_counter() - t0:.1f}s ({'success' if ok else 'FAILED'})")
 
         with services.instance() as instance:
@@ -112,11 +114,16 @@ def run_pipeline(shards: int, dagster_home: str) -> bool:
                     print(f"{asset:<22}{shard:<8}{numbers}\n{'':<30}{m.get('path') or m.get('tar')}")
             for record in instance.get_records_for_run(audit, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
                 ev = record.event_log_entry.dagster_event.event_specific_data
-                meta = {k: v.value for k, v in ev.metadata.items()}
-                print(f"check {ev.check_name}: {'PASSED' if ev.passed else 'FAILED'} "
-                      f"({meta.get('shards_checked')} shards, {meta.get('rows_checked')} rows, "
-                      f"corrupted: {meta.get('corrupted_shard_list')})")  # fmt: skip
+                verdict = "PASSED" if ev.passed else f"FAILED ({ev.severity.value}): {ev.description}"
+                print(f"check {ev.check_name:<28} shard {ev.partition}: {verdict}")
                 ok = ok and ev.passed
+            summary = instance.fetch_materializations(dg.AssetKey("corrupted_shards_report"), limit=1).records
+            if summary:
+                m = {k: v.value for k, v in summary[0].asset_materialization.metadata.items()}
+                print(f"report: {m['corrupted_shards']} corrupted, {m['warned_shards']} warned, "
+                      f"{m['excluded_shards']} excluded shard(s); {m['images_downloaded']} images, "
+                      f"{m['codes']} code rows; codebook used {m['codebook_used']}\n"
+                      f"dataset card: {m['dataset_card']}")  # fmt: skip
             if not ok:
                 print(f"daemon log tail:\n{services.log('daemon')[-2000:]}", file=sys.stderr)
     return ok

@@ -16,13 +16,13 @@ import time
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     BACKFILL_ID_TAG,
 )
 
+from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_results
 from laion_vq.fixtures.dagster_services import BACKFILL_DONE
 from laion_vq.fixtures.demo_inputs import shard_urls
 from laion_vq.fixtures.synthetic_metadata import write_parts
@@ -181,10 +181,8 @@ def test_ui_backfill_of_three_shards_runs_on_daemon_and_postgres(tmp_path, image
             assert all(k.startswith(key) for k in table.column("key").to_pylist())
             assert all(len(code) == 2048 for code in table.column("code").to_pylist())
 
-        # each run checked its own shards, and the checks passed
-        for check in (
-            dg.AssetCheckKey(dg.AssetKey("image_tars"), "image_tars_complete"),
-            dg.AssetCheckKey(dg.AssetKey("code_parquets"), "code_parquets_contract"),
-        ):
-            history = instance.event_log_storage.get_asset_check_execution_history(check, limit=10)
-            assert [h.status for h in history] == [AssetCheckExecutionRecordStatus.SUCCEEDED], (check, history)
+        # each run checked its own shards, one result per shard and check, all passed and current
+        for check in SHARD_CHECK_KEYS:
+            results = latest_results(instance, check)
+            assert sorted(r.shard for r in results) == [f"{i:05d}" for i in range(NUM_SHARDS)], check
+            assert all(r.passed and r.current for r in results), (check, results)

@@ -26,11 +26,15 @@ def test_the_demo_runs_through_the_code_location(tmp_path: Path, monkeypatch: py
     try:
         runs = instance.get_runs()
         assert all(run.remote_job_origin is not None for run in runs)  # launched through the code location
-        assert {run.job_name for run in runs} >= {"laion_vq_pipeline", "audit_shards", "__ASSET_JOB"}
+        jobs = {"laion_vq_pipeline", "audit_shards", "corrupted_shards_report_job", "__ASSET_JOB"}
+        assert {run.job_name for run in runs} >= jobs
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
         (backfill,) = instance.get_backfills()
         assert backfill.status.value.startswith("COMPLETED")
         done = instance.get_materialized_partitions(dg.AssetKey("code_parquets"))
         assert done == {"00000", "00001"}
+        # the report ran over the audited shards and wrote the dataset card of both shards
+        card = (tmp_path / "data" / "codes" / TINY_MODEL / "README.md").read_text()
+        assert "00000.parquet" in card and "00001.parquet" in card and "RANDOM" in card.upper()
     finally:
         instance.dispose()
