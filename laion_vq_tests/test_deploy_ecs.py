@@ -72,7 +72,7 @@ def aws():
 def _register_task_definitions(ecs, values: dict[str, str]) -> dict[str, dict]:
     """Register the shipped task definition templates, placeholders filled as `envsubst` does."""
     registered = {}
-    for name in ("run", "gpu"):
+    for name in ("run", "gpu", "services"):
         text = string.Template((ECS_DIR / f"task-definition-{name}.json").read_text()).substitute(values)
         registered[name] = ecs.register_task_definition(**json.loads(text))["taskDefinition"]
     return registered
@@ -107,8 +107,6 @@ def _ecs_account(boto3, pg_url: str) -> tuple[dict[str, str], dict[str, dict]]:
     subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.20.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)]
     group = ec2.create_security_group(VpcId=vpc, GroupName="laion-vq-runs", Description="runs")["GroupId"]
     values = {
-        "subnets": ", ".join(subnets),  # as an operator writes LAION_VQ_ECS_SUBNETS
-        "security_group": group,
         "AWS_REGION": "us-east-1",
         "LAION_VQ_CPU_IMAGE": "123456789012.dkr.ecr.us-east-1.amazonaws.com/laion-vq:1.0.0",
         "LAION_VQ_GPU_IMAGE": "123456789012.dkr.ecr.us-east-1.amazonaws.com/laion-vq:1.0.0-cuda",
@@ -119,6 +117,13 @@ def _ecs_account(boto3, pg_url: str) -> tuple[dict[str, str], dict[str, dict]]:
         "LAION_VQ_CHECKPOINT": "s3://laion-vq-data/models/vqgan_gumbel_f8/last.ckpt",
         "LAION_VQ_PG_URL_SECRET_ARN": secret_arn,
         "LAION_VQ_ECS_LOG_GROUP": "/laion-vq/runs",
+        "LAION_VQ_ECS_SERVICES_ROLE_ARN": "arn:aws:iam::123456789012:role/laion-vq-services",
+        "LAION_VQ_ECS_CLUSTER": CLUSTER,
+        "LAION_VQ_ECS_GPU_CAPACITY_PROVIDER": GPU_PROVIDER,
+        "LAION_VQ_ECS_SUBNETS": ", ".join(subnets),
+        "LAION_VQ_ECS_SECURITY_GROUPS": group,
+        "LAION_VQ_LOGS_BUCKET": "laion-vq-logs",
+        "LAION_VQ_LOGS_PREFIX": "compute-logs",
     }
     return values, _register_task_definitions(ecs, values)
 
@@ -153,18 +158,10 @@ def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aw
 
     values, taskdefs = _ecs_account(boto3, pg_url)
     ecs = boto3.client("ecs")
-    env = {
-        **aws,
-        "LAION_VQ_ECS_CLUSTER": CLUSTER,
-        "LAION_VQ_ECS_TASK_DEFINITION": "laion-vq-run",
-        "LAION_VQ_ECS_GPU_TASK_DEFINITION": "laion-vq-gpu",
-        "LAION_VQ_ECS_GPU_CAPACITY_PROVIDER": GPU_PROVIDER,
-        "LAION_VQ_ECS_SUBNETS": values["subnets"],
-        "LAION_VQ_ECS_SECURITY_GROUPS": values["security_group"],
-        "LAION_VQ_LOGS_BUCKET": "laion-vq-logs",
-        "LAION_VQ_LOGS_PREFIX": "compute-logs",
-        "LAION_VQ_NUM_SHARDS": "4",
-    }
+    # the daemon's environment, as the services task definition gives it
+    (services_task,) = [c for c in taskdefs["services"]["containerDefinitions"] if c["name"] == "daemon"]
+    env = {**aws, **{e["name"]: e["value"] for e in services_task["environment"]}, "LAION_VQ_NUM_SHARDS": "4"}
+    env.pop("DAGSTER_HOME")
     for key, value in env.items():  # the webserver's environment, and this process's (it reads the runs)
         monkeypatch.setenv(key, value)
     overrides = yaml.safe_load((ECS_DIR / "instance.yaml").read_text())
@@ -194,6 +191,11 @@ def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aw
             print("downloading shard 00003", flush=True)
         keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="laion-vq-logs")["Contents"]]
         assert f"compute-logs/storage/{runs['download']}/compute_logs/image_tars.out" in keys, keys
+
+    # the UI listens on the services task's localhost only (reached through ECS Exec port forwarding)
+    (webserver,) = [c for c in taskdefs["services"]["containerDefinitions"] if c["name"] == "webserver"]
+    assert webserver["command"][:3] == ["dagster-webserver", "-h", "127.0.0.1"]
+    assert "portMappings" not in webserver or not webserver["portMappings"]
 
     # the Materialize run is a plain asset run: no job tags, only code_parquets selected
     materialize = stored["materialize_codes"]
