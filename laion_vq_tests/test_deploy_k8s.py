@@ -76,6 +76,8 @@ def test_k8s_job_specs_put_encoder_runs_on_gpu_nodes(tmp_path, pg_url):
     from laion_vq.fixtures.k8s_api import FakeKubernetesAPI
 
     values = yaml.safe_load(VALUES.read_text())
+    # the UI is never exposed: a ClusterIP service, no Ingress (deploy/README.md, "Security")
+    assert values["dagsterWebserver"]["service"]["type"] == "ClusterIP" and not values["ingress"]["enabled"]
     custom = values["runLauncher"]["config"]["customRunLauncher"]
     gpu_image = custom["config"]["gpu_run_k8s_config"]["container_config"]["image"]
     node_selector = custom["config"]["gpu_run_k8s_config"]["pod_spec_config"]["node_selector"]
