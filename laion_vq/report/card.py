@@ -244,15 +244,17 @@ def dataset_card(
             for r in corrupted.iter_rows(named=True)
         )
         out.append("")
+    rows_per_shard = table.get_column("metadata_rows").max() or 10_000  # the full shards' size, from the report
     out.append(
         "## How it was made\n\n"
-        "1. LAION-400M metadata parts, cut into shards of 10,000 rows (`metadata/NNNNN.parquet`).\n"
+        f"1. LAION-400M metadata parts, cut into shards of {rows_per_shard:,} rows (`metadata/NNNNN.parquet`).\n"
         "2. [img2dataset](https://github.com/rom1504/img2dataset) downloads each shard's images (256 px, resize mode\n"
         "   `border`: longest side to 256, white padding; JPEG quality 95), counting failures by reason.\n"
         f"3. The `{model}` encoder turns each image into {grid}×{grid} codes; images that do not decode are\n"
         "   counted by reason and listed in each parquet's `laion_vq` key-value metadata, with the provenance.\n"
-        "4. Checks: `image_tars_complete` (every image present and hashing as downloaded) and\n"
-        "   `code_parquets_contract` (shape, code range, keys; rows = downloaded − undecodable).\n\n"
+        "4. Checks, one result per shard: `raw_metadata_shards_valid` (rows, columns, URLs), `image_tars_complete`\n"
+        "   (every image present and hashing as downloaded) and `code_parquets_contract` (shape, code range, keys;\n"
+        "   rows = downloaded − undecodable).\n\n"
         "Made with the `laion_vq` Dagster pipeline, one partition per shard.\n"
     )
     out.append(

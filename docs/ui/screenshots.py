@@ -1,0 +1,99 @@
+"""Screenshots of what the UI shows for corrupted shards (for the README and issue notes; not a test).
+
+Runs the demo on 4 shards (tiny model), damages three of them on storage (shard 00001: tar truncated to
+half; 00002: a byte flipped inside a stored JPEG; 00003: a code out of range), starts the webserver and
+daemon again, runs the audit and the report through the code location, then photographs the pages with
+headless Chromium driven by Playwright (not a project dependency: a separate venv, e.g.
+`python3 -m venv /tmp/pw && /tmp/pw/bin/pip install playwright`, and `apt-get install chromium`):
+
+    PLAYWRIGHT_PYTHON=/tmp/pw/bin/python .venv/bin/python docs/ui/screenshots.py [--out docs/ui]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHOOT = r"""
+import sys
+from playwright.sync_api import sync_playwright
+base, out = sys.argv[1], sys.argv[2]
+pages = [
+    ("check_partitions.png", "/assets/image_tars?view=checks&checkDetail=image_tars_complete", "Partitions"),
+    ("check_overview.png", "/assets/code_parquets?view=checks&checkDetail=code_parquets_contract", None),
+    ("report.png", "/assets/corrupted_shards_report", None),
+    ("code_partition.png", "/assets/code_parquets?view=partitions&partition=00003", None),
+]
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 1600, "height": 1200})
+    for name, path, tab in pages:
+        page.goto(base + path, wait_until="networkidle", timeout=120000)
+        page.wait_for_timeout(3000)
+        skip = page.get_by_role("button", name="Skip")  # the first visit's "Join the community" dialog
+        if skip.count():
+            skip.first.click()
+            page.wait_for_timeout(1000)
+        if tab:
+            for locator in (page.get_by_role("tab", name=tab), page.get_by_text(tab, exact=True)):
+                try:
+                    locator.first.click(timeout=5000)
+                    page.wait_for_timeout(3000)
+                    break
+                except Exception as err:
+                    print(f"no {tab!r} via {locator}: {err}")
+        page.screenshot(path=f"{out}/{name}", full_page=True)
+        print("wrote", f"{out}/{name}")
+    browser.close()
+"""
+
+
+def damage(data: Path, model: str) -> None:
+    tar1 = data / "images" / "00001.tar"
+    tar1.write_bytes(tar1.read_bytes()[: tar1.stat().st_size // 2])
+    tar2 = data / "images" / "00002.tar"
+    with tarfile.open(tar2) as t:
+        member = next(m for m in t if m.name.endswith(".jpg"))
+    raw = bytearray(tar2.read_bytes())
+    raw[member.offset_data + member.size // 2] ^= 0xFF
+    tar2.write_bytes(bytes(raw))
+    codes3 = data / "codes" / model / "00003.parquet"
+    table = pq.read_table(codes3)
+    blobs = table.column("code").to_pylist()
+    grid = np.frombuffer(blobs[1], np.int16).copy()
+    grid[5] = 9000
+    blobs[1] = grid.tobytes()
+    table = table.set_column(table.column_names.index("code"), "code", pa.array(blobs, pa.binary()))
+    pq.write_table(table.replace_schema_metadata(pq.read_table(codes3).schema.metadata), codes3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--model", default="vqgan_gumbel_f8_tiny")
+    args = parser.parse_args()
+    python = os.environ.get("PLAYWRIGHT_PYTHON", "/tmp/pw/bin/python")
+    from laion_vq import demo
+    from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
+
+    workdir = Path(tempfile.mkdtemp(prefix="laion_vq_shots-"))
+    demo.main(["--workdir", str(workdir), "--model", args.model, "--shards", "4", "--samples-per-shard", "8"])
+    damage(workdir / "data", args.model)
+    with dagster_services(workdir / "dagster_home", None, instance_yaml=EMBEDDED_YAML) as services:
+        for job in ("audit_shards", "corrupted_shards_report_job"):
+            print(job, services.wait_for_run(services.launch_run(job)))
+        subprocess.run([python, "-c", SHOOT, services.url, os.path.abspath(args.out)], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
