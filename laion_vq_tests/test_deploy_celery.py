@@ -18,6 +18,10 @@ Nothing is timed here; `benchmarks/bench_celery_workers.py` measures 1 vs 2 down
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import time
 import uuid
 
@@ -86,11 +90,19 @@ def _materializations(instance, asset: str) -> dict[str, int]:
     return counts
 
 
-def _queue_depth(broker: str, queue: str) -> int:
+def _ready_steps(broker: str, queue: str) -> list[str]:
+    """The step keys of the messages waiting in `queue`, read without acknowledging them: closing the
+    channel puts them back."""
     from kombu import Connection
 
+    steps = []
     with Connection(broker, connect_timeout=5) as connection:
-        return connection.default_channel.queue_declare(queue, passive=True).message_count
+        channel = connection.channel()
+        while (message := channel.basic_get(queue, no_ack=False)) is not None:
+            _args, kwargs, _embed = json.loads(message.body)
+            steps += kwargs["execute_step_args_packed"]["step_keys_to_execute"]
+        channel.close()
+    return steps
 
 
 def _wait(condition, what: str, timeout: float, workers=(), services=None):
@@ -138,17 +150,20 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
     worker_env = {**env, "DAGSTER_HOME": str(home), "DAGSTER_PG_URL": pg_url}
     monkeypatch.setattr(services_module, "WORKSPACE", WORKSPACE)  # the Celery code location
     layout = StorageLayout(str(storage))
-    workers = {}
+    workers, groups = {}, []
     try:
         with services_module.dagster_services(home, pg_url, env=env, daemon=False) as services:
+            groups.append(services.processes["webserver"].pid)
             for name, queue in (("dl1", "download"), ("dl2", "download"), ("gpu1", "gpu")):
-                workers[name] = start_worker(name, [prefix + queue], worker_env, tmp_path / "workers")
+                # node names unique to this test too: a worker answers pings and takes control messages by name
+                workers[name] = start_worker(prefix + name, [prefix + queue], worker_env, tmp_path / "workers")
             wait_for_workers(list(workers.values()), broker)
             with services.instance() as instance:
                 instance.event_log_storage.set_concurrency_slots("download", 4)
                 instance.event_log_storage.set_concurrency_slots("gpu", 1)
                 backfill_id = services.launch_backfill(ASSETS, KEYS)
                 with services_module.dagster_services(home, pg_url, env=env, webserver=False) as daemon:
+                    groups.append(daemon.processes["daemon"].pid)
                     services.processes.update(daemon.processes)  # wait_* watch the daemon too
                     status = services.wait_for_backfill(backfill_id, timeout=480)
                     assert status == "COMPLETED_SUCCESS", services.backfill(backfill_id)
@@ -160,7 +175,7 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
                         assert _materializations(instance, asset) == dict.fromkeys(KEYS, 1), asset
                     by_step: dict[str, set[str]] = {}
                     for keys, worker in steps:
-                        by_step.setdefault(keys, set()).add(worker.split("@")[0])
+                        by_step.setdefault(keys, set()).add(worker.split("@")[0].removeprefix(prefix))
                     assert by_step["image_tars"] == {"dl1", "dl2"}, steps
                     assert by_step["code_parquets"] == {"gpu1"}, steps
                     assert sum(keys == "image_tars" for keys, _ in steps) == BACKFILL_SHARDS, steps
@@ -178,14 +193,20 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
                     workers["dl1"].kill()
                     # nothing of the shard was published, the step is back in the queue, the run waits for it
                     assert not exists(layout.image_tar(KILL_SHARD)) and not exists(layout.image_status(KILL_SHARD))
-                    _wait(lambda: _queue_depth(broker, prefix + "download") == 1, "the step back in its queue", 60)
+                    queued = lambda: _ready_steps(broker, prefix + "download")  # noqa: E731
+                    _wait(lambda: "image_tars" in queued(), "the killed step back in its queue", 60)
                     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
                     assert not exists(layout.image_tar(KILL_SHARD))
 
                     # a worker restarted (another machine, or the same one back) redoes the step
-                    workers["dl3"] = start_worker("dl3", [prefix + "download"], worker_env, tmp_path / "workers")
+                    workers["dl3"] = start_worker(
+                        prefix + "dl3", [prefix + "download"], worker_env, tmp_path / "workers"
+                    )
                     assert services.wait_for_run(run_id, timeout=240) == "SUCCESS"
-                    attempts = [w.split("@")[0] for keys, w in _celery_steps(instance, run_id) if keys == "image_tars"]
+                    attempts = [
+                        w.split("@")[0].removeprefix(prefix) for keys, w in _celery_steps(instance, run_id)
+                        if keys == "image_tars"
+                    ]
                     assert attempts == ["dl1", "dl3"], attempts
                     assert _materializations(instance, "image_tars")[f"{KILL_SHARD:05d}"] == 1
                     status = pq.read_table(layout.image_status(KILL_SHARD)).column("status").to_pylist()
@@ -193,3 +214,32 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
     finally:
         for worker in workers.values():
             worker.stop(grace=20)
+        # a run still waiting for a step when the test fails, and the code server that started it, outlive
+        # the daemon's SIGTERM (dagster-celery waits for revoked steps): end the groups the services led
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def test_celery_code_location_routes_steps_by_pool(monkeypatch):
+    """Every job and asset run of the Celery code location uses the pool-routed executor: the encoder's
+    step goes to the `gpu` queue, every other step to `download`; executor and workers share settings."""
+    pytest.importorskip("dagster_celery")
+    import yaml
+    from dagster._core.execution.api import create_execution_plan
+
+    from laion_vq.distributed.definitions import defs
+    from laion_vq.distributed.executor import CELERY_SETTINGS, step_queue
+    from laion_vq.fixtures.celery_workers import BROKER, CELERY_YAML
+
+    monkeypatch.setenv("LAION_VQ_CELERY_BROKER", BROKER)  # resolved when a plan is built, never contacted
+    repository = defs.get_repository_def()
+    jobs = repository.get_all_jobs()
+    assert {job.executor_def.name for job in jobs} == {"celery_pool"}, [(j.name, j.executor_def.name) for j in jobs]
+    assert {s.job.executor_def.name for s in repository.schedule_defs} == {"celery_pool"}
+    plan = create_execution_plan(repository.get_implicit_global_asset_job_def())
+    queues = {step.key: step_queue(step, "p.") for step in plan.steps}
+    assert queues.pop("code_parquets") == "p.gpu"
+    assert set(queues.values()) == {"p.download"}, queues
+    worker_settings = yaml.safe_load(CELERY_YAML.read_text())["execution"]["config"]["config_source"]
+    assert worker_settings == CELERY_SETTINGS

@@ -34,7 +34,7 @@ executor = celery_pool_executor.configured(
 def on_executor(definitions: dg.Definitions, executor_def: dg.ExecutorDefinition) -> dg.Definitions:
     """`definitions` with every job, schedule target and asset run on `executor_def`."""
     jobs = {job.name: copy(job, executor_def=executor_def) for job in definitions.jobs or []}
-    schedules = [s.with_updated_job(jobs[s.job_name]) for s in definitions.schedules or []]
+    schedules = [s.with_updated_job(jobs[s.job_name]) if s.job_name in jobs else s for s in definitions.schedules or []]
     return dg.Definitions(
         assets=definitions.assets,
         asset_checks=definitions.asset_checks,

@@ -64,6 +64,9 @@ class CeleryPoolExecutor(CeleryExecutor):
 
         def submit(app, context, step, _queue, priority, known_state):
             queue = step_queue(step, self.queue_prefix, self.default_queue)
+            # dagster-celery's own "Submitting celery task … to queue" event names the queue it would have
+            # used (tag or `dagster`); this one names the queue the step really goes to
+            context.log.info(f'step "{step.key}" sent to Celery queue "{queue}" (pool {step.pool or "none"})')
             return _submit_task(app, context, step, queue, priority, known_state)
 
         return core_celery_execution_loop(plan_context, execution_plan, step_execution_fn=submit)
