@@ -239,7 +239,8 @@ def test_celery_code_location_routes_steps_by_pool(monkeypatch):
     assert {s.job.executor_def.name for s in repository.schedule_defs} == {"celery_pool"}
     plan = create_execution_plan(repository.get_implicit_global_asset_job_def())
     queues = {step.key: step_queue(step, "p.") for step in plan.steps}
-    assert queues.pop("code_parquets") == "p.gpu"
-    assert set(queues.values()) == {"p.download"}, queues
+    assert queues["code_parquets"] == "p.gpu"
+    assert queues["image_tars"] == queues["raw_metadata_shards"] == "p.download"
+    assert queues == {step.key: f"p.{step.pool or 'download'}" for step in plan.steps}
     worker_settings = yaml.safe_load(CELERY_YAML.read_text())["execution"]["config"]["config_source"]
     assert worker_settings == CELERY_SETTINGS
