@@ -82,7 +82,7 @@ def main() -> None:
                 layout,
                 0,
                 model_name=args.model,
-                encode=lambda b: model.encode_uint8(b, batch_size=args.batch_size, dtype=dtype),
+                encode=lambda b, _keys: model.encode_uint8(b, batch_size=args.batch_size, dtype=dtype),
                 grid=grid,
                 n_embed=config.n_embed,
                 image_size=config.resolution,

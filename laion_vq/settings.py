@@ -63,6 +63,12 @@ REPLACE_CODES = Setting(
 DEVICE = Setting("LAION_VQ_DEVICE", "auto", "encoder device: auto (cuda if available), cpu, cuda, cuda:1 …")
 ENCODE_BATCH_SIZE = Setting("LAION_VQ_ENCODE_BATCH_SIZE", 64, "images per encoder forward pass")
 ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CUDA: fp32, bf16 or fp16")
+INDEX_RULE = Setting(
+    "LAION_VQ_INDEX_RULE",
+    "argmax",
+    "how logits become codes: argmax (the mode, deterministic) or sample (a draw seeded by the sample key; "
+    "Gumbel models only)",
+)
 PREVIEW_SAMPLES = Setting(
     "LAION_VQ_PREVIEW_SAMPLES", 4, "images shown beside their reconstructions per encoder run (0: none)"
 )
@@ -119,6 +125,7 @@ ALL_SETTINGS = (
     DEVICE,
     ENCODE_BATCH_SIZE,
     ENCODE_DTYPE,
+    INDEX_RULE,
     PREVIEW_SAMPLES,
     DOWNLOAD_THREADS,
     DOWNLOAD_TIMEOUT,

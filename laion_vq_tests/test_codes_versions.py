@@ -20,7 +20,7 @@ V1 = {"checkpoint": "/models/a.ckpt", "checkpoint_sha256": "a" * 64, "dtype": "f
 def _encode(layout: StorageLayout, tiny_encoder, provenance: dict, **kwargs) -> str:  # noqa: ANN001
     config, model = tiny_encoder
     return encode_code_shard(
-        layout, 5, model_name=TINY_MODEL, encode=lambda b: model.encode_uint8(b, batch_size=4), grid=32,
+        layout, 5, model_name=TINY_MODEL, encode=lambda b, _keys: model.encode_uint8(b, batch_size=4), grid=32,
         n_embed=config.n_embed, batch_size=4, provenance=provenance, **kwargs,
     ).path  # fmt: skip
 

@@ -21,7 +21,7 @@ def _encode(layout, shard, tiny_encoder, batch_size=3):
         layout,
         shard,
         model_name=TINY_MODEL,
-        encode=lambda b: model.encode_uint8(b, batch_size=batch_size),
+        encode=lambda b, _keys: model.encode_uint8(b, batch_size=batch_size),
         grid=32,
         n_embed=config.n_embed,
         batch_size=batch_size,

@@ -87,13 +87,15 @@ class DownloaderResource(dg.ConfigurableResource):
 
 
 class VQGANEncoderResource(dg.ConfigurableResource):
-    """Which VQGAN, which checkpoint, where it runs. The model loads once per process and is reused."""
+    """Which VQGAN, which checkpoint, where it runs, and how logits become codes (`index_rule`: `argmax` or
+    `sample`, see `laion_vq.vqgan.sampling`). The model loads once per process and is reused."""
 
     model: str = settings.MODEL.default  # type: ignore[assignment]
     checkpoint: str | None = None
     device: str = settings.DEVICE.default  # type: ignore[assignment]
     batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
     dtype: str = settings.ENCODE_DTYPE.default  # type: ignore[assignment]
+    index_rule: str = settings.INDEX_RULE.default  # type: ignore[assignment]
     preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
     codes_name: str | None = None
     replace_codes: bool = False
@@ -128,13 +130,23 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             self._random_weights = has_random_weights(_absolute(self.checkpoint or ""))
         return self._random_weights
 
+    def checked_index_rule(self) -> str:
+        """The index rule, refused (naming the model) when unknown or when the model cannot `sample`."""
+        from laion_vq.vqgan.sampling import check_index_rule
+
+        try:
+            check_index_rule(self.index_rule, self.vqgan_config().quantizer, self.model)
+        except ValueError as err:
+            raise dg.Failure(description=f"{settings.INDEX_RULE.env}: {err}") from err
+        return self.index_rule
+
     def provenance(self) -> dict:
         """What made a code parquet: stored in its key-value metadata and shown on its partition's page."""
         return {
             "model": self.model,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256(),
-            "index_rule": "argmax",
+            "index_rule": self.checked_index_rule(),
             "dtype": self.dtype,
             "random_weights": self.random_weights(),
         }
@@ -202,6 +214,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             device=_from_env(settings.DEVICE),
             batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
             dtype=_from_env(settings.ENCODE_DTYPE),
+            index_rule=_from_env(settings.INDEX_RULE),
             preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
             codes_name=_from_env(settings.CODES_NAME),
             replace_codes=bool(settings.REPLACE_CODES.get_int()),

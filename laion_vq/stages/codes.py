@@ -100,7 +100,7 @@ def encode_code_shard(
     shard_id: int,
     *,
     model_name: str,
-    encode: Callable[[np.ndarray], np.ndarray],
+    encode: Callable[[np.ndarray, list[str]], np.ndarray],
     grid: int,
     n_embed: int,
     image_size: int = 256,
@@ -114,7 +114,8 @@ def encode_code_shard(
     """Encode every downloaded image of the shard and publish `codes/<codes_name>/NNNNN.parquet`
     (`codes_name` defaults to the model name).
 
-    `encode` maps an (N, S, S, 3) uint8 batch to (N, grid, grid) integer codes. Images that fail to
+    `encode(batch, keys)` maps an (N, S, S, 3) uint8 batch and its N sample keys to (N, grid, grid) integer
+    codes (the keys seed the `sample` index rule; `argmax` ignores them). Images that fail to
     decode are counted by reason and listed, never dropped silently; a tar that disagrees with its status
     parquet, or output that breaks the contract, raises CorruptShardError and publishes nothing. A code
     parquet already made by another checkpoint, precision or index rule is not overwritten
@@ -149,7 +150,7 @@ def encode_code_shard(
         if batch_keys:
             batch = np.stack([img for _, img, _ in decoded if img is not None])
             t0 = time.perf_counter()
-            out = np.asarray(encode(batch))
+            out = np.asarray(encode(batch, batch_keys))
             encode_seconds += time.perf_counter() - t0
             if out.shape != (len(batch_keys), grid, grid):
                 raise RuntimeError(f"encoder returned shape {out.shape}, expected {(len(batch_keys), grid, grid)}")

@@ -21,9 +21,11 @@ from .model import VQGANEncoder, preprocess
 from .modules import AttnBlock, Downsample, Encoder, Normalize, ResnetBlock, nonlinearity
 from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
 from .registry import DEFAULT_MODEL, MODELS, VQGANConfig, get_model_config
+from .sampling import INDEX_RULES, check_index_rule, key_seed
 
 __all__ = [
     "DEFAULT_MODEL",
+    "INDEX_RULES",
     "MODELS",
     "AttnBlock",
     "CheckpointError",
@@ -42,7 +44,9 @@ __all__ = [
     "VQGANDecoder",
     "VQGANEncoder",
     "VectorQuantizeHead",
+    "check_index_rule",
     "get_model_config",
+    "key_seed",
     "load_decoder",
     "load_encoder",
     "load_state_dict",

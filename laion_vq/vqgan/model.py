@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from .modules import AttnImpl, Encoder
 from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
 from .registry import VQGANConfig, get_model_config
+from .sampling import check_index_rule, key_seeds
 
 __all__ = ["VQGANEncoder", "preprocess"]
 
@@ -78,17 +80,25 @@ class VQGANEncoder(nn.Module):
         """Continuous features fed to the quantizer, (N, embed_dim, H/f, W/f)."""
         return self.quant_conv(self.encoder(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Float images in [-1, 1], (N, 3, H, W) -> int64 codes (N, H/f, W/f).
 
+        Without ``seeds`` the index rule is ``argmax``; with one int64 seed per image (from its key,
+        :func:`~laion_vq.vqgan.sampling.key_seeds`) it is ``sample`` (Gumbel heads only).
         The quantizer always runs outside autocast in the parameters' dtype: an argmax/argmin over
         thousands of half-precision scores would turn many near-ties into exact ties, while the head
         costs ~1% of the encoder's FLOPs.
         """
+        if seeds is not None:
+            check_index_rule("sample", self.config.quantizer, self.config.name)
         z = self.encode_to_prequant(x)
         head_dtype = self.quant_conv.weight.dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.quantize.indices(z.to(head_dtype))
+            z = z.to(head_dtype)
+            if seeds is None:
+                return self.quantize.indices(z)
+            assert isinstance(self.quantize, GumbelQuantizeHead)
+            return self.quantize.sample(z, seeds)
 
     def _check_images(self, images: np.ndarray | torch.Tensor) -> None:
         size = self.config.resolution
@@ -116,8 +126,14 @@ class VQGANEncoder(nn.Module):
         images: np.ndarray | torch.Tensor,
         batch_size: int = 32,
         dtype: torch.dtype | None = None,
+        *,
+        index_rule: str = "argmax",
+        keys: Sequence[str] | None = None,
     ) -> np.ndarray:
         """Encode uint8 RGB images (N, S, S, 3) to int16 codes (N, g, g) on the model's device.
+
+        ``index_rule`` is ``argmax`` or ``sample`` (:mod:`laion_vq.vqgan.sampling`); ``sample`` needs the
+        images' ``keys``, which alone seed their draws (batching, order and device do not).
 
         Batches travel to the device as uint8 (4x less transfer than float) and are normalised there;
         codes stay on the device until the end, so on CUDA the host never waits inside the loop.
@@ -126,6 +142,13 @@ class VQGANEncoder(nn.Module):
         can differ from CPU on near-ties (TF32 convolutions, SDPA attention, other kernels).
         """
         self._check_images(images)
+        check_index_rule(index_rule, self.config.quantizer, self.config.name)
+        seeds = None
+        if index_rule == "sample":
+            if keys is None or len(keys) != images.shape[0]:
+                got = "no keys" if keys is None else f"{len(keys)} keys"
+                raise ValueError(f"index rule 'sample' needs one key per image: {images.shape[0]} images, {got}")
+            seeds = key_seeds(keys)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.config.n_embed > np.iinfo(np.int16).max + 1:
@@ -151,6 +174,6 @@ class VQGANEncoder(nn.Module):
             x = preprocess(batch).to(param.dtype)
             ctx = torch.autocast(device_type=device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
             with ctx:
-                codes = self(x)
+                codes = self(x, None if seeds is None else seeds[start : start + batch_size])
             chunks.append(codes.to(torch.int16))
         return torch.cat(chunks).cpu().numpy()

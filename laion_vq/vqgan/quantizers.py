@@ -9,14 +9,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .sampling import gumbel_noise
+
 __all__ = ["GumbelQuantizeHead", "VectorQuantizeHead"]
 
 
 class GumbelQuantizeHead(nn.Module):
     """Head of taming's Gumbel VQGAN: a 1x1 conv to ``n_embed`` logits per position.
 
-    taming's ``GumbelQuantize.forward`` samples a code with Gumbel noise even in eval mode; for a
-    reproducible dataset we take the mode of that distribution, ``argmax(logits)``, instead.
+    taming's ``GumbelQuantize.forward`` samples a code with Gumbel noise even in eval mode. ``indices``
+    takes the mode of that distribution, ``argmax(logits)`` (index rule ``argmax``); ``sample`` draws from
+    it with noise seeded per sample key (index rule ``sample``, see :mod:`laion_vq.vqgan.sampling`).
     ``embed`` is unused for encoding but kept so the checkpoint's ``quantize.embed.weight`` has a home.
     """
 
@@ -34,6 +37,21 @@ class GumbelQuantizeHead(nn.Module):
     def indices(self, z: torch.Tensor) -> torch.Tensor:
         """Most likely code per position, int64 (N, H, W); ties resolve like ``torch.argmax``."""
         return self.proj(z).argmax(dim=1)
+
+    def sample(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """One draw from softmax(logits) per position, int64 (N, H, W): ``argmax(logits + Gumbel noise)``.
+
+        ``seeds[i]`` (int64, from :func:`~laion_vq.vqgan.sampling.key_seed`) alone decides image i's noise,
+        generated per image on ``z``'s device, so a key's codes do not depend on what shares its batch.
+        """
+        logits = self.proj(z)
+        if seeds.shape != (logits.shape[0],):
+            raise ValueError(f"need one seed per image: {logits.shape[0]} images, seeds of shape {tuple(seeds.shape)}")
+        out = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=torch.int64, device=logits.device)
+        for i, seed in enumerate(seeds.tolist()):
+            noise = gumbel_noise(seed, logits.shape[1:], logits.device)
+            out[i] = noise.add_(logits[i].to(torch.float64)).argmax(dim=0)
+        return out
 
 
 class VectorQuantizeHead(nn.Module):

@@ -122,20 +122,24 @@ def code_parquets(
     layout = storage.layout
     config = encoder.vqgan_config()
     grid = config.code_grid(settings.IMAGE_SIZE)
+    index_rule = encoder.checked_index_rule()  # `sample` on a VQ model fails here, before loading anything
     started = time.perf_counter()
     model = encoder.load()
     dtype = encoder.torch_dtype()
     context.log.info(
         f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} "
-        f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s)"
+        f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s), "
+        f"index rule {index_rule}"
     )
     provenance = encoder.provenance()
     if provenance["random_weights"]:
         context.log.warning(f"{encoder.checkpoint} has RANDOM weights: its codes are noise (fine for tests/demo)")
     failed_tars = refuse_failed_tars(context)
 
-    def encode(batch: np.ndarray) -> np.ndarray:
-        return model.encode_uint8(batch, batch_size=encoder.batch_size, dtype=dtype)
+    def encode(batch: np.ndarray, batch_keys: list[str]) -> np.ndarray:
+        return model.encode_uint8(
+            batch, batch_size=encoder.batch_size, dtype=dtype, index_rule=index_rule, keys=batch_keys
+        )
 
     keys = list(context.partition_keys)
     preview_on = {keys[0], keys[-1]}
