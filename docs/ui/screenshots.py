@@ -27,16 +27,18 @@ SHOOT = r"""
 import sys
 from playwright.sync_api import sync_playwright
 base, out = sys.argv[1], sys.argv[2]
+checks = "/assets/image_tars?view=checks&checkDetail=image_tars_complete"
 pages = [
-    ("check_partitions.png", "/assets/image_tars?view=checks&checkDetail=image_tars_complete", "Partitions"),
-    ("check_overview.png", "/assets/code_parquets?view=checks&checkDetail=code_parquets_contract", None),
-    ("report.png", "/assets/corrupted_shards_report", None),
-    ("code_partition.png", "/assets/code_parquets?view=partitions&partition=00003", None),
+    ("check_partitions.png", checks, "Partitions", None),
+    ("check_partition_00001.png", checks, "Partitions", "00001"),
+    ("check_overview.png", "/assets/code_parquets?view=checks&checkDetail=code_parquets_contract", None, None),
+    ("report.png", "/assets/corrupted_shards_report", None, None),
+    ("code_partition.png", "/assets/code_parquets?view=partitions&partition=00003", None, None),
 ]
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
-    for name, path, tab in pages:
+    for name, path, tab, partition in pages:
         page.goto(base + path, wait_until="networkidle", timeout=120000)
         page.wait_for_timeout(3000)
         skip = page.get_by_role("button", name="Skip")  # the first visit's "Join the community" dialog
@@ -44,13 +46,19 @@ with sync_playwright() as p:
             skip.first.click()
             page.wait_for_timeout(1000)
         if tab:
+            # the check's own tab (the asset page has a "Partitions" tab too, above it)
             for locator in (page.get_by_role("tab", name=tab), page.get_by_text(tab, exact=True)):
                 try:
-                    locator.first.click(timeout=5000)
+                    locator.last.click(timeout=5000)
                     page.wait_for_timeout(3000)
                     break
                 except Exception as err:
                     print(f"no {tab!r} via {locator}: {err}")
+        if partition:
+            page.get_by_placeholder("Filter by partition").fill(partition)
+            page.wait_for_timeout(1500)
+            page.get_by_text(partition).first.click(timeout=10000)
+            page.wait_for_timeout(3000)
         page.screenshot(path=f"{out}/{name}", full_page=True)
         print("wrote", f"{out}/{name}")
     browser.close()
@@ -80,17 +88,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent))
     parser.add_argument("--model", default="vqgan_gumbel_f8_tiny")
+    parser.add_argument("--reuse", help="a workdir of an earlier run: only start the UI and photograph it")
     args = parser.parse_args()
     python = os.environ.get("PLAYWRIGHT_PYTHON", "/tmp/pw/bin/python")
     from laion_vq import demo
     from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
 
-    workdir = Path(tempfile.mkdtemp(prefix="laion_vq_shots-"))
-    demo.main(["--workdir", str(workdir), "--model", args.model, "--shards", "4", "--samples-per-shard", "8"])
-    damage(workdir / "data", args.model)
+    if args.reuse:
+        workdir = Path(args.reuse)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="laion_vq_shots-"))
+        demo.main(["--workdir", str(workdir), "--model", args.model, "--shards", "4", "--samples-per-shard", "8"])
+        damage(workdir / "data", args.model)
     with dagster_services(workdir / "dagster_home", None, instance_yaml=EMBEDDED_YAML) as services:
-        for job in ("audit_shards", "corrupted_shards_report_job"):
-            print(job, services.wait_for_run(services.launch_run(job)))
+        if not args.reuse:
+            for job in ("audit_shards", "corrupted_shards_report_job"):
+                # the audit run itself fails (a blocking check found corruption); every shard's result is kept
+                print(job, services.wait_for_run(services.launch_run(job)))
         subprocess.run([python, "-c", SHOOT, services.url, os.path.abspath(args.out)], check=True)
     return 0
 
