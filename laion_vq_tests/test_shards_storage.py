@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 
 from laion_vq.shards.codes import build_codes_table, check_codes_table, decode_codes
 from laion_vq.shards.numbering import parse_shard_key, shard_key, shard_keys
-from laion_vq.shards.schema import CODES_SCHEMA
+from laion_vq.shards.schema import CODES_SCHEMA, CODES_SCHEMA_REQUIRED, OPTIONAL_CODE_COLUMNS
 from laion_vq.shards.storage import StorageLayout, publish_bytes, publish_file
 from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
@@ -107,9 +108,10 @@ def test_split_key_is_corrupt(tmp_path):
         list(iter_samples(str(path)))
 
 
-def _codes_table(keys, codes):
+def _codes_table(keys, codes, hashes=True):
     meta = {k: {"caption": f"c{k}", "url": f"http://x/{k}", "SAMPLE_ID": i} for i, k in enumerate(keys)}
-    return build_codes_table(keys, codes, meta)
+    image_sha256 = [hashlib.sha256(k.encode()).hexdigest() for k in keys] if hashes else None
+    return build_codes_table(keys, codes, meta, image_sha256)
 
 
 def test_codes_table_matches_seed_format():
@@ -123,6 +125,7 @@ def test_codes_table_matches_seed_format():
     assert len(row["code"]) == 2048
     assert np.array_equal(np.frombuffer(row["code"], np.int16).reshape(32, 32), codes[1])
     assert row["caption"] == "c000010000" and row["url"] == "http://x/000010000"
+    assert row["image_sha256"] == hashlib.sha256(b"000010000").hexdigest()  # follows its row when sorting
     assert np.array_equal(decode_codes(table, 32), codes[[1, 2, 0]])
     report = check_codes_table(table, 1, 32, 8192)
     assert report.ok and report.rows == 3 and report.distinct_codes > 2000
@@ -151,3 +154,17 @@ def test_contract_catches_each_violation():
     dup = pa.concat_tables([good.slice(0, 1), good.slice(0, 1)])
     assert any("duplicate" in p for p in check_codes_table(dup, 1, 32, 8192).problems)
     assert any("missing columns" in p for p in check_codes_table(good.drop(["url"]), 1, 32, 8192).problems)
+
+
+def test_image_sha256_is_optional_but_checked_when_present():
+    codes = np.zeros((2, 32, 32), np.int16)
+    older = _codes_table(["000010000", "000010001"], codes, hashes=False)  # a file written before the column
+    assert older.schema == CODES_SCHEMA_REQUIRED and "image_sha256" in OPTIONAL_CODE_COLUMNS
+    assert check_codes_table(older, 1, 32, 8192).ok
+    good = _codes_table(["000010000", "000010001"], codes)
+    for bad in (None, "abc", "G" * 64, hashlib.sha256(b"x").hexdigest().upper()):
+        hashes = pa.array([hashlib.sha256(b"x").hexdigest(), bad], pa.string())
+        report = check_codes_table(good.set_column(10, "image_sha256", hashes), 1, 32, 8192)
+        assert report.failures and report.failures[0][0] == "bad image hash"
+        detail = report.failures[0][1]
+        assert "1 row(s) whose image_sha256 is not 64 lowercase hex characters, first 000010001" in detail

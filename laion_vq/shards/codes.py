@@ -2,13 +2,15 @@
 
 Contract (VQGAN LAION-100M): one parquet per shard, one row per encoded image, sorted by `key`;
 `code` holds `grid*grid` little-endian int16 (2048 bytes at f8/256 px) that
-`np.frombuffer(b, np.int16).reshape(grid, grid)` decodes, every value in `[0, n_embed)`.
+`np.frombuffer(b, np.int16).reshape(grid, grid)` decodes, every value in `[0, n_embed)`. Files written
+from now on also carry `image_sha256` (see `OPTIONAL_CODE_COLUMNS`): 64 lowercase hex characters per row.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,27 +20,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.shards.numbering import shard_key
-from laion_vq.shards.schema import CODE_DTYPE, CODES_SCHEMA
+from laion_vq.shards.schema import CODE_DTYPE, CODES_SCHEMA, CODES_SCHEMA_REQUIRED, OPTIONAL_CODE_COLUMNS
 from laion_vq.shards.storage import filesystem, publish_file
 
 
 def build_codes_table(
-    keys: Sequence[str], codes: np.ndarray, meta: Mapping[str, Mapping[str, object]]
+    keys: Sequence[str],
+    codes: np.ndarray,
+    meta: Mapping[str, Mapping[str, object]],
+    image_sha256: Sequence[str] | None = None,
 ) -> pa.Table:
-    """Rows sorted by key; `meta[key]` holds the sample's img2dataset row (caption, url, LAION columns)."""
+    """Rows sorted by key; `meta[key]` holds the sample's img2dataset row (caption, url, LAION columns);
+    `image_sha256[i]` the hex sha256 of image i's JPEG bytes (without it: the older layout, no such column)."""
     if len(keys) != len(codes):
         raise ValueError(f"{len(keys)} keys but {len(codes)} code grids")
+    if image_sha256 is not None and len(image_sha256) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(image_sha256)} image hashes")
+    schema = CODES_SCHEMA if image_sha256 is not None else CODES_SCHEMA_REQUIRED
     order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.array([], dtype=int)
     little = np.ascontiguousarray(codes.astype(CODE_DTYPE, copy=False))
-    columns: dict[str, list] = {name: [] for name in CODES_SCHEMA.names}
+    columns: dict[str, list] = {name: [] for name in schema.names}
     for i in order:
         key = keys[i]
         row = meta.get(key, {})
         columns["key"].append(key)
         columns["code"].append(little[i].tobytes())
-        for name in CODES_SCHEMA.names[2:]:
-            columns[name].append(row.get(name))
-    return pa.Table.from_pydict(columns, schema=CODES_SCHEMA)
+        for name in schema.names[2:]:
+            columns[name].append(image_sha256[i] if name == "image_sha256" else row.get(name))  # type: ignore[index]
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def write_codes_parquet(table: pa.Table, dest_url: str, file_metadata: Mapping[str, object]) -> int:
@@ -71,6 +80,9 @@ def decode_codes(table: pa.Table, grid: int) -> np.ndarray:
     return np.stack([np.frombuffer(b, np.int16).reshape(grid, grid) for b in blobs])
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 @dataclass
 class ContractReport:
     """What `check_codes_table` found: the numbers and every violated rule, as (reason, detail) pairs
@@ -96,9 +108,14 @@ class ContractReport:
 
 
 def check_codes_table(table: pa.Table, shard_id: int, grid: int, n_embed: int) -> ContractReport:
-    """Check shape, dtype, code range, keys (unique, sorted, of this shard) and schema."""
+    """Check shape, dtype, code range, keys (unique, sorted, of this shard), image hashes and schema.
+
+    Every CODES_SCHEMA column is required except `OPTIONAL_CODE_COLUMNS`, which older files lack;
+    `image_sha256`, when present, must be 64 lowercase hex characters on every row."""
     report = ContractReport(rows=table.num_rows)
-    missing = [name for name in CODES_SCHEMA.names if name not in table.column_names]
+    missing = [
+        name for name in CODES_SCHEMA.names if name not in table.column_names and name not in OPTIONAL_CODE_COLUMNS
+    ]
     if missing:
         report.fail("missing columns", f"missing columns {missing}")
         return report
@@ -133,6 +150,15 @@ def check_codes_table(table: pa.Table, shard_id: int, grid: int, n_embed: int) -
         in_range = values[~outside].astype(np.int64)
         report.usage = np.bincount(in_range, minlength=n_embed)
         report.distinct_codes = int((report.usage > 0).sum())
+    if "image_sha256" in table.column_names:
+        hashes = table.column("image_sha256").to_pylist()
+        bad = [i for i, h in enumerate(hashes) if not (isinstance(h, str) and _SHA256_HEX.fullmatch(h))]
+        if bad:
+            report.fail(
+                "bad image hash",
+                f"{len(bad)} row(s) whose image_sha256 is not 64 lowercase hex characters, first {keys[bad[0]]} "
+                f"({hashes[bad[0]]!r:.80})",
+            )
     if any(k is None for k in keys):
         report.fail("null keys", f"{sum(k is None for k in keys)} null key(s)")
         return report

@@ -28,7 +28,9 @@ EXTRA_COLUMNS = tuple(name for name in LAION_SCHEMA.names if name not in REQUIRE
 CODE_DTYPE = "<i2"
 
 #: The seed dataset's output schema (VQGAN LAION-100M): `code` raw int16 bytes, `caption`/`url` renamed
-#: the way img2dataset renames them, the other LAION columns as LAION spells them.
+#: the way img2dataset renames them, the other LAION columns as LAION spells them; then ours:
+#: `image_sha256`, the sha256 (lowercase hex) of the exact JPEG bytes the encoder read from the tar (equal to
+#: the status parquet's `jpg_sha256`), so a changed code can be told from a changed image.
 CODES_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -41,8 +43,14 @@ CODES_SCHEMA = pa.schema(
         pa.field("LICENSE", pa.string()),
         pa.field("NSFW", pa.string()),
         pa.field("similarity", pa.float64()),
+        pa.field("image_sha256", pa.string()),
     ]
 )
+#: CODES_SCHEMA columns added after code parquets were first published: written from then on, checked when
+#: present, not required of older files (readers must not assume them).
+OPTIONAL_CODE_COLUMNS = ("image_sha256",)
+#: The schema of a code parquet without the optional columns (an older file, or a table built without them).
+CODES_SCHEMA_REQUIRED = pa.schema([f for f in CODES_SCHEMA if f.name not in OPTIONAL_CODE_COLUMNS])
 
 
 class SchemaError(ValueError):

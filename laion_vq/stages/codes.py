@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -114,6 +115,9 @@ def encode_code_shard(
     """Encode every downloaded image of the shard and publish `codes/<codes_name>/NNNNN.parquet`
     (`codes_name` defaults to the model name).
 
+    Each row's `image_sha256` is the sha256 of the JPEG bytes read from the tar, so identical bytes can be
+    told to have given identical codes (on CPU fp32, whatever the threads, batch size or load).
+
     `encode(batch, keys)` maps an (N, S, S, 3) uint8 batch and its N sample keys to (N, grid, grid) integer
     codes (the keys seed the `sample` index rule; `argmax` ignores them). Images that fail to
     decode are counted by reason and listed, never dropped silently; a tar that disagrees with its status
@@ -131,6 +135,7 @@ def encode_code_shard(
     require_upstream(tar_url, "image_tars", read=False)
 
     keys: list[str] = []
+    image_sha256: list[str] = []
     codes: list[np.ndarray] = []
     samples: list[np.ndarray] = []
     undecodable: Counter[str] = Counter()
@@ -142,19 +147,20 @@ def encode_code_shard(
     def flush(pool: ThreadPoolExecutor) -> None:
         nonlocal encode_seconds
         decoded = list(pool.map(lambda kv: _safe_decode(kv, image_size), pending))
-        batch_keys = [k for k, img, _ in decoded if img is not None]
-        for k, img, reason in decoded:
+        batch_keys = [k for k, img, _, _ in decoded if img is not None]
+        for k, img, reason, _ in decoded:
             if img is None:
                 undecodable[reason] += 1
                 undecodable_keys.append(k)
         if batch_keys:
-            batch = np.stack([img for _, img, _ in decoded if img is not None])
+            batch = np.stack([img for _, img, _, _ in decoded if img is not None])
             t0 = time.perf_counter()
             out = np.asarray(encode(batch, batch_keys))
             encode_seconds += time.perf_counter() - t0
             if out.shape != (len(batch_keys), grid, grid):
                 raise RuntimeError(f"encoder returned shape {out.shape}, expected {(len(batch_keys), grid, grid)}")
             keys.extend(batch_keys)
+            image_sha256.extend(digest for _, img, _, digest in decoded if img is not None)
             codes.append(out)
             if len(samples) < keep_samples:
                 samples.extend(batch[: keep_samples - len(samples)])
@@ -184,7 +190,7 @@ def encode_code_shard(
         )
 
     all_codes = np.concatenate(codes) if codes else np.zeros((0, grid, grid), np.int16)
-    table = build_codes_table(keys, all_codes, status)
+    table = build_codes_table(keys, all_codes, status, image_sha256)
     report = check_codes_table(table, shard_id, grid, n_embed)
     if not report.ok:
         raise CorruptShardError(f"shard {shard_id:05d}: encoded output breaks the contract: {report.problems}")
@@ -218,10 +224,12 @@ def encode_code_shard(
     )
 
 
-def _safe_decode(item: tuple[str, bytes], image_size: int) -> tuple[str, np.ndarray | None, str]:
+def _safe_decode(item: tuple[str, bytes], image_size: int) -> tuple[str, np.ndarray | None, str, str]:
+    """(key, image or None, failure reason, sha256 hex of the very bytes decoded)."""
     key, data = item
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        return key, _decode_rgb(data, image_size), ""
+        return key, _decode_rgb(data, image_size), "", digest
     except Exception as err:  # noqa: BLE001 - every decode failure is counted by its reason
         reason = re.sub(r"\s*<[^>]*>|0x[0-9a-fA-F]+", "", str(err)).strip()[:120]
-        return key, None, f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        return key, None, f"{type(err).__name__}: {reason}" if reason else type(err).__name__, digest
