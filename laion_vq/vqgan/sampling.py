@@ -25,11 +25,11 @@ counter-based hash runs where the model runs.
 
 Cost (``benchmarks/bench_index_rules.py``): an f8 image needs ``8192 x 32 x 32`` = 8.4M noise values, ~15
 elementwise int64/float64 passes and two float64 logs, whatever the model's size. On the shared 2-core CI
-machine (load ~10) that was 1.2 s per image, as much again as the *tiny* test model's whole encode there
-(1.3 s/image with ``argmax``, 3.0 s with ``sample``: 2.3x); a small fraction of the real f8 encoder's
-~100x larger compute on CPU. On a GPU it is memory-bound, ~2 GB of traffic per image (about a millisecond
-on an H100 unfused; not measured here). Changing :data:`SAMPLE_SALT` or this
-construction is a new index rule (a new version of the dataset).
+CPU that was 0.15 s per image (1.2 s when the machine was loaded ~5x over), more than the *tiny* test
+model's whole encode there (0.10 s/image with ``argmax``, 0.32 s with ``sample``: 3.3x), a small fraction
+of the real f8 encoder's ~100x larger compute on CPU. On a GPU it is memory-bound, ~2 GB of traffic per
+image unfused (about a millisecond on an H100; not measured here: fusing it is the next step if it shows).
+Changing :data:`SAMPLE_SALT` or this construction is a new index rule (a new version of the dataset).
 """
 
 from __future__ import annotations
