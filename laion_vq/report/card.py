@@ -186,6 +186,10 @@ def dataset_card(
         "taming's own `encode` adds Gumbel noise, so the seed dataset's codes are samples of the same\n"
         "distribution, not bit-identical.\n"
         if index_rule == "argmax"
+        else "\nThe index rule `sample` draws each code from softmax(logits) (Gumbel-max), the distribution taming's\n"
+        "`GumbelQuantize` samples from, with noise seeded by the sample's key and the position: a key's codes do\n"
+        "not depend on batch, order, shard grouping or device, and re-running reproduces them.\n"
+        if index_rule == "sample"
         else ""
     )
     used = int((report.code_usage > 0).sum())
