@@ -29,9 +29,12 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # n
     AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.event_api import PartitionKeyFilter  # noqa: E402
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData  # noqa: E402
+from dagster._core.events.log import EventLogEntry  # noqa: E402
+from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID  # noqa: E402
 
 from laion_vq.defs.assets.report import _frames  # noqa: E402
-from laion_vq.defs.check_state import SHARD_CHECK_KEYS  # noqa: E402
+from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations  # noqa: E402
 from laion_vq.fixtures.dagster_services import postgres_database  # noqa: E402
 from laion_vq.report.shards import build_report, write_report  # noqa: E402
 from laion_vq.report.usage import pack_code_usage  # noqa: E402
@@ -53,21 +56,45 @@ def _metadata(asset: str, shard: int, usage: str) -> dict:
     }
 
 
+def _entry(event: dg.AssetMaterialization) -> EventLogEntry:
+    """The runless event `report_runless_asset_event` would store, for a batch write."""
+    return EventLogEntry(
+        error_info=None,
+        level="debug",
+        user_message="",
+        run_id=RUNLESS_RUN_ID,
+        timestamp=time.time(),
+        dagster_event=DagsterEvent(
+            event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+            event_specific_data=StepMaterializationData(event),
+            job_name=RUNLESS_JOB_NAME,
+        ),
+    )
+
+
 def fabricate(instance: dg.DagsterInstance, shards: int) -> float:
+    """Materializations in batch writes (as many runs' steps would leave them), then one check evaluation
+    per shard and check targeting its materialization, through the public API from 8 threads."""
     started = time.perf_counter()
     rng = np.random.default_rng(0)
     usages = [pack_code_usage(np.bincount(rng.zipf(1.3, 8_000 * 1024) % 8192, minlength=8192)) for _ in range(4)]
+    keys = [f"{shard:05d}" for shard in range(shards)]
+    for asset in ASSETS:
+        for start in range(0, shards, 500):
+            batch = [
+                _entry(dg.AssetMaterialization(dg.AssetKey(asset), partition=k, metadata=meta))
+                for k in keys[start : start + 500]
+                for meta in [_metadata(asset, int(k), usages[int(k) % 4])]
+            ]
+            instance.event_log_storage.store_event_batch(batch)
+    print(f"  materializations stored ({time.perf_counter() - started:.0f} s)", flush=True)
+    targets = {asset: latest_materializations(instance, dg.AssetKey(asset), keys) for asset in ASSETS}
     done = [0]
 
     def one(shard: int) -> None:
         key = f"{shard:05d}"
         for asset, check in zip(ASSETS, SHARD_CHECK_KEYS, strict=True):
-            metadata = _metadata(asset, shard, usages[shard % 4])
-            event = dg.AssetMaterialization(dg.AssetKey(asset), partition=key, metadata=metadata)
-            instance.report_runless_asset_event(event)
-            record = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
-            ).records[0]
+            record = targets[asset][key]
             failed = shard % 1000 == 7 and asset == "image_tars"
             instance.report_runless_asset_event(
                 dg.AssetCheckEvaluation(
@@ -85,7 +112,7 @@ def fabricate(instance: dg.DagsterInstance, shards: int) -> float:
             )
         done[0] += 1
         if done[0] % 1000 == 0:
-            print(f"  fabricated {done[0]} shards ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"  checks of {done[0]} shards ({time.perf_counter() - started:.0f} s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # PostgreSQL takes concurrent writers; the GIL waits on I/O
         list(pool.map(one, range(shards)))

@@ -38,6 +38,17 @@ def _tiny_vq():
 TINY_VQ = _tiny_vq()
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_defs_state_storage():
+    """Dagster keeps the current instance's defs-state storage in a context variable. A test that builds a
+    schedule context with resources can leave it pointing at an instance disposed since, and the next test
+    that resolves Definitions then fails ("undefined DagsterInstance weakref"). Each test starts without."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield
+
+
 @pytest.fixture(scope="session")
 def image_server():
     from laion_vq.fixtures.image_server import ImageServer

@@ -163,11 +163,10 @@ def _instance(kind: str, home: Path) -> Iterator[dg.DagsterInstance]:
     with postgres_database("laion_vq_checks") as url:
         yaml_text = f"storage:\n  postgres:\n    postgres_url: {url}\ntelemetry:\n  enabled: false\n"
         (home / "dagster.yaml").write_text(yaml_text)
-        instance = dg.DagsterInstance.from_config(str(home))
-        try:
+        # entered, as Dagster's own tools do: definitions resolved inside read this instance's state storage
+        # (not one an earlier test left behind in Dagster's context variable)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
             yield instance
-        finally:
-            instance.dispose()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
