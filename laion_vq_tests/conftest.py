@@ -7,7 +7,6 @@ import io
 import json
 import os
 import tarfile
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -67,36 +66,34 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture()
-def postgres_instance(tmp_path):
-    """A Dagster instance on the machine's real PostgreSQL, in a fresh database dropped afterwards."""
+def pg_url(request):
+    """A fresh database on the machine's real PostgreSQL (dropped afterwards); its URL."""
     psycopg2 = pytest.importorskip("psycopg2")
-    params = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("PGUSER", "postgres"), "dbname": "test"}
+    from laion_vq.fixtures.dagster_services import PG, postgres_database
+
     try:
-        admin = psycopg2.connect(**params, connect_timeout=5)
+        psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()
     except psycopg2.OperationalError as err:
         pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {err}")
-    admin.autocommit = True
-    db = f"laion_vq_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {db}")
+    with postgres_database(f"laion_vq_{request.module.__name__.rsplit('.', 1)[-1].removeprefix('test_')}") as url:
+        yield url
+
+
+@pytest.fixture()
+def postgres_instance(tmp_path, pg_url):
+    """A Dagster instance on the machine's real PostgreSQL, in a fresh database dropped afterwards."""
+    import dagster as dg
+
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(
-        "storage:\n  postgres:\n    postgres_db:\n"
-        f"      hostname: 127.0.0.1\n      port: 5432\n      username: {params['user']}\n"
-        f"      password: ''\n      db_name: {db}\n"
-        "telemetry:\n  enabled: false\n"
+        f"storage:\n  postgres:\n    postgres_url: {pg_url}\ntelemetry:\n  enabled: false\n"
     )
-    import dagster as dg
-
     instance = dg.DagsterInstance.from_config(str(home))
     try:
         yield instance
     finally:
         instance.dispose()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        admin.close()
 
 
 def _jpeg(seed: int, size: int = 256) -> bytes:

@@ -15,7 +15,6 @@ import time
 
 import dagster as dg
 import pyarrow.parquet as pq
-import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -47,18 +46,6 @@ query PartitionStatus($assetKey: AssetKeyInput!) {
 }
 """
 
-
-@pytest.fixture()
-def pg_url():
-    psycopg2 = pytest.importorskip("psycopg2")
-    from laion_vq.fixtures.dagster_services import PG, postgres_database
-
-    try:
-        psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()
-    except psycopg2.OperationalError as err:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {err}")
-    with postgres_database("laion_vq_backfill") as url:
-        yield url
 
 
 def _wait_for_backfill(services, daemon, backfill_id: str, timeout: float = 420) -> dict:

@@ -44,18 +44,6 @@ ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 WORKSPACE = REPO / "deploy" / "celery" / "workspace.yaml"
 
 
-@pytest.fixture()
-def pg_url():
-    psycopg2 = pytest.importorskip("psycopg2")
-    from laion_vq.fixtures.dagster_services import PG, postgres_database
-
-    try:
-        psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {err}")
-    with postgres_database("laion_vq_celery") as url:
-        yield url
-
 
 @pytest.fixture()
 def rabbitmq():

@@ -36,28 +36,7 @@ CLUSTER = "laion-vq"
 GPU_PROVIDER = "laion-vq-gpu"
 SECRET_NAME = "laion-vq/dagster-pg-url"
 
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message stack }
-    ... on Error { message }
-  }
-}"""
 
-
-@pytest.fixture()
-def pg_url():
-    psycopg2 = pytest.importorskip("psycopg2")
-    from laion_vq.fixtures.dagster_services import PG, postgres_database
-
-    try:
-        psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {err}")
-    with postgres_database("laion_vq_ecs") as url:
-        yield url
 
 
 @pytest.fixture()
@@ -128,15 +107,6 @@ def _ecs_account(boto3, pg_url: str) -> tuple[dict[str, str], dict[str, dict]]:
     return values, _register_task_definitions(ecs, values)
 
 
-def _launch(services, job: str, tags: dict[str, str], assets: list[str] | None = None) -> str:
-    selector = {"repositoryLocationName": services.location(), "repositoryName": "__repository__", "jobName": job}
-    if assets:
-        selector["assetSelection"] = [{"path": [a]} for a in assets]
-    params = {"selector": selector, "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
-    launched = services.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return str(launched["run"]["runId"])
-
 
 def _task_of(instance, ecs, run_id: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
@@ -178,9 +148,9 @@ def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aw
         assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"
 
         runs = {
-            "encode_job": _launch(services, "encode_shards", {"dagster/partition": "00001"}),
-            "materialize_codes": _launch(services, "__ASSET_JOB", {"dagster/partition": "00002"}, ["code_parquets"]),
-            "download": _launch(services, "download_shards", {"dagster/partition": "00003"}),
+            "encode_job": services.launch_run("encode_shards", {"dagster/partition": "00001"}),
+            "materialize_codes": services.launch_run("__ASSET_JOB", {"dagster/partition": "00002"}, ["code_parquets"]),
+            "download": services.launch_run("download_shards", {"dagster/partition": "00003"}),
         }
         tasks = {name: _task_of(instance, ecs, run_id) for name, run_id in runs.items()}
         stored = {name: instance.get_run_by_id(run_id) for name, run_id in runs.items()}

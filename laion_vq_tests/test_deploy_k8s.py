@@ -26,38 +26,8 @@ VALUES = REPO / "deploy" / "helm" / "values.yaml"
 CPU_IMAGE = "REGISTRY/laion-vq:0.1.0"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message stack }
-    ... on Error { message }
-  }
-}"""
 
 
-@pytest.fixture()
-def pg_url():
-    psycopg2 = pytest.importorskip("psycopg2")
-    from laion_vq.fixtures.dagster_services import PG, postgres_database
-
-    try:
-        psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {err}")
-    with postgres_database("laion_vq_k8s") as url:
-        yield url
-
-
-def _launch(services, job: str, tags: dict[str, str], assets: list[str] | None = None) -> str:
-    selector = {"repositoryLocationName": services.location(), "repositoryName": "__repository__", "jobName": job}
-    if assets:
-        selector["assetSelection"] = [{"path": [a]} for a in assets]
-    params = {"selector": selector, "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
-    launched = services.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return str(launched["run"]["runId"])
 
 
 def _job_for(api, run_id: str, timeout: float = 60) -> dict:
@@ -102,11 +72,11 @@ def test_k8s_job_specs_put_encoder_runs_on_gpu_nodes(tmp_path, pg_url):
             services.instance() as instance,
         ):
             runs = {
-                "encode_job": _launch(services, "encode_shards", {"dagster/partition": "00001"}),
-                "materialize_codes": _launch(
-                    services, "__ASSET_JOB", {"dagster/partition": "00002"}, ["code_parquets"]
+                "encode_job": services.launch_run("encode_shards", {"dagster/partition": "00001"}),
+                "materialize_codes": services.launch_run(
+                    "__ASSET_JOB", {"dagster/partition": "00002"}, ["code_parquets"]
                 ),
-                "download": _launch(services, "download_shards", {"dagster/partition": "00003"}),
+                "download": services.launch_run("download_shards", {"dagster/partition": "00003"}),
             }
             jobs = {name: _job_for(api, run_id) for name, run_id in runs.items()}
             stored = {name: instance.get_run_by_id(run_id) for name, run_id in runs.items()}
