@@ -16,6 +16,10 @@ def test_known_models() -> None:
         "vqgan_gumbel_f8_tiny",
         "vqgan_imagenet_f16_1024",
         "vqgan_imagenet_f16_16384",
+        "ldm_vq_f8",
+        "ldm_vq_f8_n256",
+        "ldm_vq_f16",
+        "dallemini_vqgan_f16_16384",
     }
     f8 = get_model_config("vqgan_gumbel_f8")
     assert (f8.ch, f8.ch_mult, f8.num_res_blocks, f8.attn_resolutions) == (128, (1, 1, 2, 4), 2, (32,))

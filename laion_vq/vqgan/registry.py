@@ -1,8 +1,10 @@
 """Model configurations: the one place that says which VQGAN encoders exist.
 
-The released taming-transformers checkpoints are described here by the same hyper-parameters
+The released taming-transformers checkpoints (and the latent-diffusion VQ first stages and dalle-mini's
+fine-tune, which are built from the same modules) are described here by the same hyper-parameters
 as their ``ddconfig`` YAML, so that :class:`~laion_vq.vqgan.model.VQGANEncoder` builds modules
-whose state-dict keys and shapes match the released ``.ckpt`` files without any renaming.
+whose state-dict keys and shapes match the released ``.ckpt`` files without any renaming. Any other
+taming/ldm VQ model can be described by its own ``model.yaml`` (:mod:`laion_vq.vqgan.model_yaml`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Literal
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "VQGANConfig", "get_model_config"]
 
-# GroupNorm in taming always uses 32 groups, so every channel count must be a multiple of 32.
+# GroupNorm in taming always uses 32 groups, so every normalised channel count (ch * ch_mult[i]) must be a
+# multiple of 32. z_channels/embed_dim are never normalised (conv_out, quant_conv, post_quant_conv and the
+# decoder's conv_in are plain convs), so ldm's 4- and 8-channel latents are fine.
 _NUM_GROUPS = 32
 # Codes are stored as int16 in the parquet outputs.
 _MAX_CODES_INT16 = 32768
@@ -103,6 +107,74 @@ MODELS: dict[str, VQGANConfig] = {
             n_embed=16384,
             quantizer="vq",
             description="taming-transformers VQGAN ImageNet f16, 16384 codes; 256px -> 16x16 codes",
+        ),
+        # The latent-diffusion VQ first stages (CompVis/latent-diffusion, models/first_stage_models/<name>/config.yaml,
+        # target ldm.models.autoencoder.VQModel; checkpoints https://ommer-lab.com/files/latent-diffusion/<name>.zip,
+        # whose model.ckpt sits beside that config.yaml once unzipped). Their encoder is taming's (ldm's
+        # Encoder is the same code) and their quantizer *is* taming's VectorQuantizer2 (ldm imports it), so the
+        # codes are the nearest codebook entry, with a small z/embed dim (4 or 8) and attention at f8's 32x32.
+        VQGANConfig(
+            name="ldm_vq_f8",
+            # vq-f8/config.yaml: embed_dim 4, n_embed 16384, z_channels 4, ch 128, ch_mult [1,2,2,4],
+            # num_res_blocks 2, attn_resolutions [32], resolution 256, double_z false.
+            ch=128,
+            ch_mult=(1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(32,),
+            z_channels=4,
+            embed_dim=4,
+            n_embed=16384,
+            quantizer="vq",
+            description="latent-diffusion vq-f8 (OpenImages), 16384 codes of dim 4, nearest-neighbour head; "
+            "256px -> 32x32 codes",
+        ),
+        VQGANConfig(
+            name="ldm_vq_f8_n256",
+            # vq-f8-n256/config.yaml: as vq-f8 but n_embed 256.
+            ch=128,
+            ch_mult=(1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(32,),
+            z_channels=4,
+            embed_dim=4,
+            n_embed=256,
+            quantizer="vq",
+            description="latent-diffusion vq-f8-n256 (OpenImages), 256 codes of dim 4, nearest-neighbour head; "
+            "256px -> 32x32 codes",
+        ),
+        VQGANConfig(
+            name="ldm_vq_f16",
+            # vq-f16/config.yaml: embed_dim 8, n_embed 16384, z_channels 8, ch 128, ch_mult [1,1,2,2,4],
+            # num_res_blocks 2, attn_resolutions [16], resolution 256, double_z false.
+            ch=128,
+            ch_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            z_channels=8,
+            embed_dim=8,
+            n_embed=16384,
+            quantizer="vq",
+            description="latent-diffusion vq-f16 (OpenImages), 16384 codes of dim 8, nearest-neighbour head; "
+            "256px -> 16x16 codes",
+        ),
+        VQGANConfig(
+            name="dallemini_vqgan_f16_16384",
+            # dalle-mini's fine-tune (CC3M + YFCC100M) of vqgan_imagenet_f16_16384, done with taming-transformers:
+            # the PyTorch Lightning release is huggingface.co/boris/vqgan_f16_16384 (model.ckpt + config.yaml,
+            # target taming.models.vqgan.VQModel, embed_dim 256, n_embed 16384, z_channels 256, ch 128,
+            # ch_mult [1,1,2,2,4], num_res_blocks 2, attn_resolutions [16]). Same architecture as
+            # vqgan_imagenet_f16_16384, other weights. The Flax ports (flax-community/vqgan_f16_16384,
+            # dalle-mini/vqgan_imagenet_f16_16384: flax_model.msgpack) are not Lightning checkpoints.
+            ch=128,
+            ch_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            z_channels=256,
+            embed_dim=256,
+            n_embed=16384,
+            quantizer="vq",
+            description="dalle-mini VQGAN f16 16384 (taming ImageNet f16 fine-tuned on CC3M + YFCC100M, "
+            "boris/vqgan_f16_16384); 256px -> 16x16 codes",
         ),
         VQGANConfig(
             name="vqgan_gumbel_f8_tiny",
