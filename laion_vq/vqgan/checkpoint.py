@@ -57,6 +57,8 @@ ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
 DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
 # The Gumbel logits head: the encoder's part of ``quantize.``, which decoding never uses.
 _ENCODER_ONLY_PREFIXES = ("quantize.proj.",)
+# Where a latent-diffusion ``LatentDiffusion`` (or taming ``Net2NetTransformer``) checkpoint keeps its VQ model.
+FIRST_STAGE_PREFIX = "first_stage_model."
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS — not a trained model; made by laion_vq for tests/demo"
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -238,6 +240,16 @@ def _describe(state: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(parts)
 
 
+def _first_stage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VQ model's own keys: ``state`` itself, or, for a checkpoint of a model built *on* a VQ model
+    (ldm ``LatentDiffusion``, taming ``Net2NetTransformer``) with no top-level ``encoder.``/``decoder.``
+    keys, its ``first_stage_model.*`` keys without that prefix."""
+    if any(k.startswith(("encoder.", "decoder.")) for k in state):
+        return state
+    nested = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    return nested or state
+
+
 _M = TypeVar("_M", bound=nn.Module)
 
 
@@ -257,7 +269,7 @@ def _load_part(
     :class:`CheckpointError` says what does not fit. Returns the model in eval mode on ``device``,
     with gradients off.
     """
-    state = load_state_dict(checkpoint_path)
+    state = _first_stage(load_state_dict(checkpoint_path))
     relevant = {k: v for k, v in state.items() if k.startswith(prefixes) and not k.startswith(ignored)}
     # Built on the meta device: no time wasted on a random init that the strict load overwrites.
     with torch.device("meta"):
@@ -300,7 +312,9 @@ def load_encoder(
 ) -> VQGANEncoder:
     """Build the encoder for ``config`` and fill it from a checkpoint, in eval mode on ``device``.
 
-    Decoder, ``post_quant_conv`` and loss/discriminator weights are ignored. Every encoder key must
+    Decoder, ``post_quant_conv``, loss/discriminator and EMA (ldm's ``model_ema.*``) weights are ignored;
+    a checkpoint that holds the VQ model under ``first_stage_model.`` (an ldm ``LatentDiffusion`` or taming
+    ``Net2NetTransformer`` checkpoint) is read from there. Every encoder key must
     be present with the right shape, and no unknown ``encoder.``/``quant_conv.``/``quantize.`` key
     may be left over (e.g. a ``quantize.used`` remap table, which would change what codes mean);
     otherwise a :class:`CheckpointError` lists what does not fit.
