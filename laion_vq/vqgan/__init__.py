@@ -2,7 +2,8 @@
 
 Pure PyTorch, no Dagster: build with :class:`VQGANEncoder` or load a released checkpoint with
 :func:`load_encoder`; :func:`load_decoder` gives the :class:`VQGANDecoder` that turns codes back into
-images (for looking at them); model hyper-parameters live in :mod:`laion_vq.vqgan.registry`.
+images (for looking at them); model hyper-parameters live in :mod:`laion_vq.vqgan.registry`, or come from
+a taming/ldm ``model.yaml`` (:func:`config_from_yaml`, :func:`resolve_model_config`).
 The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vqgan.reference`
 (dev dependency only, not imported here).
 """
@@ -18,12 +19,21 @@ from .checkpoint import (
 )
 from .decoder import Decoder, GumbelCodebook, Upsample, VQCodebook, VQGANDecoder
 from .model import VQGANEncoder, preprocess
+from .model_yaml import (
+    AUTO_MODEL,
+    ModelConfigError,
+    architecture_differences,
+    checkpoint_yaml,
+    config_from_yaml,
+    resolve_model_config,
+)
 from .modules import AttnBlock, Downsample, Encoder, Normalize, ResnetBlock, nonlinearity
 from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
 from .registry import DEFAULT_MODEL, MODELS, VQGANConfig, get_model_config
 from .sampling import INDEX_RULES, check_index_rule, key_seed
 
 __all__ = [
+    "AUTO_MODEL",
     "DEFAULT_MODEL",
     "INDEX_RULES",
     "MODELS",
@@ -33,6 +43,7 @@ __all__ = [
     "Downsample",
     "Encoder",
     "ForeignObject",
+    "ModelConfigError",
     "has_random_weights",
     "GumbelCodebook",
     "GumbelQuantizeHead",
@@ -44,7 +55,10 @@ __all__ = [
     "VQGANDecoder",
     "VQGANEncoder",
     "VectorQuantizeHead",
+    "architecture_differences",
     "check_index_rule",
+    "checkpoint_yaml",
+    "config_from_yaml",
     "get_model_config",
     "key_seed",
     "load_decoder",
@@ -52,5 +66,6 @@ __all__ = [
     "load_state_dict",
     "nonlinearity",
     "preprocess",
+    "resolve_model_config",
     "save_random_checkpoint",
 ]
