@@ -271,6 +271,8 @@ class ImageDecoder:
     ``device`` cpu (default): PIL for every image over ``cpu_workers`` (default ``os.cpu_count()``) threads, or
     processes with ``cpu_pool="process"``. ``device`` cuda: batched nvJPEG for the JPEGs `gpu_refusal` lets
     through, PIL for the rest (and for what the device fails on), merged back in input order.
+    Processes need the ``if __name__ == "__main__":`` guard in the main script (they start by forkserver or
+    spawn, never fork: torch may hold threads or CUDA) and pickle every image back; threads are the default.
     ``gpu_decode`` replaces nvJPEG (list of 1-D uint8 CPU tensors -> list of (3, S, S) uint8 tensors); given on
     a CPU device it runs the same batched path there (tests, or ``torchvision_decode("cpu")``).
     """
