@@ -61,8 +61,28 @@ REPLACE_CODES = Setting(
     "LAION_VQ_REPLACE_CODES", 0, "1: overwrite code parquets made by another checkpoint, precision or index rule"
 )
 DEVICE = Setting("LAION_VQ_DEVICE", "auto", "encoder device: auto (cuda if available), cpu, cuda, cuda:1 …")
-ENCODE_BATCH_SIZE = Setting("LAION_VQ_ENCODE_BATCH_SIZE", 64, "images per encoder forward pass")
-ENCODE_DTYPE = Setting("LAION_VQ_ENCODE_DTYPE", "fp32", "encoder precision on CUDA: fp32, bf16 or fp16")
+ENCODE_BATCH_SIZE = Setting(
+    "LAION_VQ_ENCODE_BATCH_SIZE",
+    0,
+    "images per encoder forward pass; 0: from free GPU memory on CUDA (halved on out-of-memory), 8 on CPU",
+)
+ENCODE_MODE = Setting(
+    "LAION_VQ_ENCODE_MODE",
+    "exact",
+    "exact (fp32, TF32 off: the reference codes) or fast (bf16 body + torch.compile, fp32 head; README: Encode modes)",
+)
+COMPILE_CACHE = Setting(
+    "LAION_VQ_COMPILE_CACHE",
+    None,
+    "folder of torch.compile's kernel cache for `fast` (default: $DAGSTER_HOME/inductor-cache, else "
+    "~/.cache/laion_vq/inductor)",
+)
+DECODE_DEVICE = Setting(
+    "LAION_VQ_DECODE_DEVICE",
+    "auto",
+    "JPEG decoding: auto (nvJPEG when the encoder is on CUDA, else PIL on every core) or cpu",
+)
+DECODE_WORKERS = Setting("LAION_VQ_DECODE_WORKERS", 0, "CPU JPEG-decoding threads (0: one per core)")
 INDEX_RULE = Setting(
     "LAION_VQ_INDEX_RULE",
     "argmax",
@@ -124,7 +144,10 @@ ALL_SETTINGS = (
     REPLACE_CODES,
     DEVICE,
     ENCODE_BATCH_SIZE,
-    ENCODE_DTYPE,
+    ENCODE_MODE,
+    COMPILE_CACHE,
+    DECODE_DEVICE,
+    DECODE_WORKERS,
     INDEX_RULE,
     PREVIEW_SAMPLES,
     DOWNLOAD_THREADS,
@@ -142,6 +165,18 @@ ALL_SETTINGS = (
     SCHEDULE_SHARDS_PER_TICK,
     SCHEDULE_MAX_FAILURES,
 )
+
+
+def compile_cache_dir() -> str:
+    """Where `fast` mode keeps compiled kernels, so the next run (same machine, same model) skips compiling."""
+    configured = COMPILE_CACHE.get_str()
+    if configured:
+        return configured
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return os.path.join(home, "inductor-cache")
+    return os.path.join(os.path.expanduser("~"), ".cache", "laion_vq", "inductor")
+
 
 #: Fixed by the LAION-400M tars: longest side to 256, white border, JPEG quality 95.
 IMAGE_SIZE = 256

@@ -14,6 +14,8 @@ import dagster as dg
 #   few-shard run wants. Backfills use the assets' own policies and never mix the two.
 # - partitioned asset checks are a Preview feature of Dagster 1.13; they are what gives each shard its own
 #   check result in the UI (`laion_vq.defs.checks` says how we use them, and the tests pin it).
-warnings.filterwarnings("ignore", message=r"Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)  # noqa: E501
+warnings.filterwarnings(
+    "ignore", message=r"Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning
+)  # noqa: E501
 warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of function `asset`", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", message=r"Asset job laion_vq_pipeline materializes assets with varying")

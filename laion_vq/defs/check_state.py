@@ -109,7 +109,6 @@ def _latest_from_history(instance: dg.DagsterInstance, check: dg.AssetCheckKey, 
     return list(seen.values())
 
 
-
 def latest_materializations(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: Sequence[str], chunk: int = 500
 ) -> dict[str, dg.EventLogRecord]:

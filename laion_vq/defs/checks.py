@@ -13,7 +13,6 @@ is blocking: in a run that also encodes, a failed tar stops the encoder; across 
 waits for it to pass (its automation condition) and refuses shards whose latest result failed.
 """
 
-
 import time
 from collections.abc import Callable, Iterable, Iterator
 

@@ -87,14 +87,19 @@ class DownloaderResource(dg.ConfigurableResource):
 
 
 class VQGANEncoderResource(dg.ConfigurableResource):
-    """Which VQGAN, which checkpoint, where it runs, and how logits become codes (`index_rule`: `argmax` or
-    `sample`, see `laion_vq.vqgan.sampling`). The model loads once per process and is reused."""
+    """Which VQGAN, which checkpoint, where it runs, in which mode (`exact` or `fast`, see
+    `laion_vq.encode.engine`), and how logits become codes (`index_rule`: `argmax` or `sample`, see
+    `laion_vq.vqgan.sampling`). The model loads once per process and is reused; GPU memory is given back
+    after each run."""
 
     model: str = settings.MODEL.default  # type: ignore[assignment]
     checkpoint: str | None = None
     device: str = settings.DEVICE.default  # type: ignore[assignment]
     batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
-    dtype: str = settings.ENCODE_DTYPE.default  # type: ignore[assignment]
+    mode: str = settings.ENCODE_MODE.default  # type: ignore[assignment]
+    compile_cache: str | None = None
+    decode_device: str = settings.DECODE_DEVICE.default  # type: ignore[assignment]
+    decode_workers: int = settings.DECODE_WORKERS.default  # type: ignore[assignment]
     index_rule: str = settings.INDEX_RULE.default  # type: ignore[assignment]
     preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
     codes_name: str | None = None
@@ -103,16 +108,26 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     _checkpoint_sha256: str | None = PrivateAttr(default=None)
     _random_weights: bool | None = PrivateAttr(default=None)
     _decoder: Any = PrivateAttr(default=None)
+    _engine: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
-        from laion_vq.vqgan import get_model_config
+        """The architecture: a registry name, a taming/ldm `model.yaml` path, or `auto` (the YAML next to the
+        checkpoint); a registry name that disagrees with the YAML beside the checkpoint is refused."""
+        from laion_vq.vqgan import ModelConfigError, resolve_model_config
 
-        return get_model_config(self.model)
+        try:
+            return resolve_model_config(self.model, _absolute(self.checkpoint) if self.checkpoint else None)
+        except (ModelConfigError, KeyError) as err:
+            raise dg.Failure(description=f"{settings.MODEL.env}: {err}") from err
 
     @property
     def codes_folder(self) -> str:
-        """`codes/<this>/`: the model name unless the operator names a side-by-side version."""
-        return self.codes_name or self.model
+        """`codes/<this>/`: the model's name unless the operator names a side-by-side version."""
+        if self.codes_name:
+            return self.codes_name
+        from laion_vq.vqgan import MODELS
+
+        return self.model if self.model in MODELS else self.vqgan_config().name
 
     def checkpoint_sha256(self) -> str:
         """The checkpoint's identity for provenance (hashed once per process)."""
@@ -147,6 +162,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256(),
             "index_rule": self.checked_index_rule(),
+            "encode_mode": self.checked_mode(),
             "dtype": self.dtype,
             "random_weights": self.random_weights(),
         }
@@ -179,13 +195,50 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             self._decoder = load_decoder(self.vqgan_config(), _absolute(self.checkpoint), device=self.resolved_device())
         return self._decoder
 
-    def torch_dtype(self):
-        import torch
+    def checked_mode(self) -> str:
+        from laion_vq.encode.engine import ENCODE_MODES
 
-        names = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if self.dtype not in names:
-            raise dg.Failure(description=f"{settings.ENCODE_DTYPE.env} must be one of {sorted(names)}")
-        return names[self.dtype]
+        if self.mode not in ENCODE_MODES:
+            raise dg.Failure(description=f"{settings.ENCODE_MODE.env} must be one of {ENCODE_MODES}, got {self.mode!r}")
+        return self.mode
+
+    @property
+    def dtype(self) -> str:
+        """The precision the mode runs the encoder body in (recorded as the codes' `dtype`)."""
+        from laion_vq.encode.engine import MODE_DTYPE
+
+        return MODE_DTYPE[self.checked_mode()]
+
+    def engine(self, log=None):
+        """The model in its mode on its device, batch size chosen (once per process, like the model)."""
+        if self._engine is None:
+            from laion_vq.encode.engine import ModelEngine
+
+            self._engine = ModelEngine(
+                self.load(),
+                mode=self.checked_mode(),
+                batch_size=self.batch_size,
+                index_rule=self.checked_index_rule(),
+                compile_cache_dir=self.compile_cache or settings.compile_cache_dir(),
+                log=log,
+            )
+        return self._engine
+
+    def image_decoder(self):
+        """JPEG decoding beside this encoder: nvJPEG on the encoder's GPU (auto), or PIL on every core."""
+        from laion_vq.encode.decode import ImageDecoder
+
+        if self.decode_device not in ("auto", "cpu"):
+            raise dg.Failure(
+                description=f"{settings.DECODE_DEVICE.env} must be auto or cpu, got {self.decode_device!r}"
+            )
+        device = self.resolved_device() if self.decode_device == "auto" else "cpu"
+        return ImageDecoder(settings.IMAGE_SIZE, device, cpu_workers=self.decode_workers or None)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Free the GPU between runs of one process: the engine's cached blocks go back to the driver."""
+        if self._engine is not None:
+            self._engine.release()
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
@@ -213,7 +266,10 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             checkpoint=_from_env(settings.CHECKPOINT),
             device=_from_env(settings.DEVICE),
             batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
-            dtype=_from_env(settings.ENCODE_DTYPE),
+            mode=_from_env(settings.ENCODE_MODE),
+            compile_cache=_from_env(settings.COMPILE_CACHE),
+            decode_device=_from_env(settings.DECODE_DEVICE),
+            decode_workers=_from_env(settings.DECODE_WORKERS, as_int=True),
             index_rule=_from_env(settings.INDEX_RULE),
             preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
             codes_name=_from_env(settings.CODES_NAME),

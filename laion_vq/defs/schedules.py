@@ -120,8 +120,7 @@ def download_missing_shards(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDef
         job=job,
         cron_schedule="*/15 * * * *",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Download the next missing shards each tick (skips in-flight, failed-too-often and "
-        "excluded ones).",
+        description="Download the next missing shards each tick (skips in-flight, failed-too-often and excluded ones).",
         required_resource_keys={"storage"},
     )
     def _schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest] | dg.SkipReason:

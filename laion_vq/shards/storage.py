@@ -145,3 +145,10 @@ def sha256_of(url: str, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def require_upstream(url: str, upstream: str, read: bool = True) -> bytes:
+    """The upstream file's bytes; a missing file says which asset to materialize first."""
+    if not exists(url):
+        raise FileNotFoundError(f"{url} does not exist: materialize {upstream} for this shard first")
+    return read_bytes(url) if read else b""

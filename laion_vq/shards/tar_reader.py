@@ -14,6 +14,10 @@ class CorruptShardError(RuntimeError):
     """A tar (or its status parquet) that cannot be read or does not add up."""
 
 
+class TruncatedTarError(CorruptShardError):
+    """The tar ends (or fails to read) part way: every sample yielded before it is whole."""
+
+
 @dataclass
 class Sample:
     """The files of one webdataset sample, keyed by extension (`jpg`, `txt`, `json`, …)."""
@@ -44,12 +48,14 @@ def _split(name: str) -> tuple[str, str]:
 def iter_samples(url: str) -> Iterator[Sample]:
     """Stream samples from a webdataset tar (local path or fsspec URL), grouping members by key.
 
-    Raises CorruptShardError naming the tar and the member where reading failed (truncated or
-    garbage tar, a key split across non-adjacent members).
+    Raises CorruptShardError naming the tar and the member where reading failed (garbage tar, a key split
+    across non-adjacent members); a tar that ends or fails part way raises TruncatedTarError after yielding
+    every sample read before the cut, so those can still be used and the rest counted as lost.
     """
     fs, path = filesystem(url)
     current: Sample | None = None
     seen: set[str] = set()
+    truncated: TruncatedTarError | None = None
     try:
         with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
@@ -61,7 +67,7 @@ def iter_samples(url: str) -> Iterator[Sample]:
                 handle = tar.extractfile(member)
                 data = handle.read() if handle is not None else b""
                 if len(data) != member.size:
-                    raise CorruptShardError(f"{url}: member {member.name!r} is truncated")
+                    raise TruncatedTarError(f"{url}: member {member.name!r} is truncated")
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
@@ -70,9 +76,14 @@ def iter_samples(url: str) -> Iterator[Sample]:
                     seen.add(key)
                     current = Sample(key)
                 current.files[ext] = data
+    except TruncatedTarError as err:
+        truncated = err
     except CorruptShardError:
         raise
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise CorruptShardError(f"{url}: corrupt or truncated tar after {len(seen)} sample(s): {err}") from err
+        truncated = TruncatedTarError(f"{url}: corrupt or truncated tar after {len(seen)} sample(s): {err}")
+        truncated.__cause__ = err
     if current is not None:
-        yield current
+        yield current  # every file in it was read whole (a cut member never joins its sample)
+    if truncated is not None:
+        raise truncated

@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 
 from laion_vq import settings
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
-from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes
-from laion_vq.stages.upstream import require_upstream
+from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes, require_upstream
 
 
 @dataclass

@@ -15,11 +15,13 @@ from laion_vq.defs.assets.images import image_tars
 from laion_vq.defs.check_state import IMAGES_CHECK, failed_with_error
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
+from laion_vq.encode.pipeline import EncodePipeline
 from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
 from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.exclusions import read_exclusions
+from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError
-from laion_vq.stages import CodeShardResult, encode_code_shard
+from laion_vq.stages.codes import CodeShardResult, CodeSpec
 
 ENCODE_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.ENCODE_SHARDS_PER_RUN.get_int())
 
@@ -80,10 +82,11 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
 def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
     """On every partition's page: which checkpoint, model, precision and index rule made its codes."""
     meta = {
-        "model": encoder.model,
+        "model": encoder.vqgan_config().name,
         "checkpoint": dg.MetadataValue.path(encoder.checkpoint or ""),
         "checkpoint_sha256": provenance["checkpoint_sha256"],
         "dtype": encoder.dtype,
+        "encode_mode": encoder.mode,
         "index_rule": provenance["index_rule"],
         "random_weights": provenance["random_weights"],
     }
@@ -116,63 +119,65 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     kinds={"pytorch", "parquet"},
     description=__doc__,
 )
-def code_parquets(
-    context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
-) -> None:
+def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource) -> None:
     layout = storage.layout
     config = encoder.vqgan_config()
-    grid = config.code_grid(settings.IMAGE_SIZE)
     index_rule = encoder.checked_index_rule()  # `sample` on a VQ model fails here, before loading anything
+    encoder.checked_mode()
     started = time.perf_counter()
-    model = encoder.load()
-    dtype = encoder.torch_dtype()
+    engine = encoder.engine(log=context.log.info)
     context.log.info(
-        f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} "
-        f"in {time.perf_counter() - started:.1f}s; encoding {len(context.partition_keys)} shard(s), "
-        f"index rule {index_rule}"
+        f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} in "
+        f"{time.perf_counter() - started:.1f}s: mode {engine.mode}, batch {engine.batch_size}, index rule "
+        f"{index_rule}; encoding {len(context.partition_keys)} shard(s)"
     )
     provenance = encoder.provenance()
     if provenance["random_weights"]:
         context.log.warning(f"{encoder.checkpoint} has RANDOM weights: its codes are noise (fine for tests/demo)")
     failed_tars = refuse_failed_tars(context)
-
-    def encode(batch: np.ndarray, batch_keys: list[str]) -> np.ndarray:
-        return model.encode_uint8(
-            batch, batch_size=encoder.batch_size, dtype=dtype, index_rule=index_rule, keys=batch_keys
-        )
-
+    excluded = read_exclusions(layout)
+    spec = CodeSpec(
+        model_name=config.name,
+        grid=config.code_grid(settings.IMAGE_SIZE),
+        n_embed=config.n_embed,
+        image_size=settings.IMAGE_SIZE,
+        codes_name=encoder.codes_folder,
+        provenance=provenance,
+        replace_other_versions=encoder.replace_codes,
+    )
     keys = list(context.partition_keys)
-    preview_on = {keys[0], keys[-1]}
+    to_encode = [parse_shard_key(k) for k in keys if k not in excluded and k not in failed_tars]
+    keep = {shard: encoder.preview_samples for shard in {to_encode[0], to_encode[-1]}} if to_encode else {}
+    with encoder.image_decoder() as decoder:
+        pipeline = EncodePipeline(layout, spec, engine, decoder, progress=throttled(context.log.info))
+        outcomes = pipeline.run(to_encode, keep)
 
-    def work(shard: int) -> CodeShardResult:
-        key = f"{shard:05d}"
-        if key in failed_tars:
-            raise CorruptShardError(
-                f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
-                "then re-run the check"
-            )
-        keep = encoder.preview_samples if key in preview_on else 0
-        return encode_code_shard(
-            layout,
-            shard,
-            model_name=encoder.model,
-            codes_name=encoder.codes_folder,
-            replace_other_versions=encoder.replace_codes,
-            encode=encode,
-            grid=grid,
-            n_embed=config.n_embed,
-            image_size=settings.IMAGE_SIZE,
-            batch_size=encoder.batch_size,
-            provenance=provenance,
-            progress=throttled(context.log.info),
-            keep_samples=keep,
-        )
+        def work(shard: int) -> CodeShardResult:
+            key = f"{shard:05d}"
+            if key in failed_tars:
+                raise CorruptShardError(
+                    f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
+                    "then re-run the check"
+                )
+            done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
+            assert done == shard, f"pipeline yielded shard {done} for {shard}"
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
 
-    provenance_meta = made_by(encoder, provenance)
+        provenance_meta = made_by(encoder, provenance)
 
-    def metadata(result: CodeShardResult) -> dict:
-        return {**_metadata(result), **provenance_meta, **_preview(context, encoder, result)}
+        def metadata(result: CodeShardResult) -> dict:
+            return {**_metadata(result), **provenance_meta, **_preview(context, encoder, result)}
 
-    results = for_each_shard(context, work, metadata, read_exclusions(layout))
+        try:
+            results = for_each_shard(context, work, metadata, excluded)
+        finally:
+            outcomes.close()
+            run_stats = pipeline.stats.as_metadata()
+            context.log.info(f"pipeline: {run_stats}")
     encoded = sum(r.encoded for r in results)
-    context.log.info(f"encoded {encoded} images in {time.perf_counter() - started:.1f}s")
+    context.log.info(
+        f"encoded {encoded} images in {time.perf_counter() - started:.1f}s "
+        f"({run_stats['images_per_second']} images/s end to end, encoder idle {run_stats['encoder_idle_share']:.0%})"
+    )

@@ -136,9 +136,7 @@ def corrupted_shards_report(
     started = time.perf_counter()
     frames = _frames(context.instance)
     read_seconds = time.perf_counter() - started
-    context.log.info(
-        f"read {sum(f.height for f in frames.values())} records from the instance in {read_seconds:.1f}s"
-    )
+    context.log.info(f"read {sum(f.height for f in frames.values())} records from the instance in {read_seconds:.1f}s")
     built = time.perf_counter()
     report = build_report(
         **frames,

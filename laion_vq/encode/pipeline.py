@@ -1,0 +1,311 @@
+"""The overlapped encode pipeline: tar → decode → encode → parquet, over all the shards of a run.
+
+Four stages, each in its own thread, joined by bounded queues so none runs ahead by more than a few batches::
+
+    reader ──chunks──▶ decoder ──images──▶ encoder (caller's thread) ──shard──▶ writer
+    (tar stream,        (PIL on every       (ModelEngine: device copy,         (reconcile, contract
+     next shard          core, or nvJPEG     forward, async codes copy;          check, atomic parquet)
+     read ahead)         + CPU fallback)     one batch in flight)
+
+The encoder never waits on a file: while it runs batch *i*, batch *i+1* is decoded and read, codes of *i-1*
+come back, the finished shard is written, and the next shard's tar is already streaming. Shards are yielded
+in the order given, each as its result or as the exception that stopped it (one bad shard never stops the
+others). Nothing here knows Dagster; ``laion_vq.stages.codes`` and the ``code_parquets`` asset call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from laion_vq.encode.decode import ImageDecoder
+from laion_vq.encode.engine import CallableEngine, EngineStats, ModelEngine
+from laion_vq.encode.shard import (
+    CodeShardResult,
+    CodeSpec,
+    ShardAccumulator,
+    publish_shard,
+    refuse_other_version,
+    status_rows,
+)
+from laion_vq.shards.storage import StorageLayout, require_upstream
+from laion_vq.shards.tar_reader import TruncatedTarError, iter_samples
+
+__all__ = ["EncodePipeline", "PipelineStats"]
+
+#: batches each queue holds: enough to ride out a slow tar read or a long shard publish
+QUEUE_DEPTH = 4
+NO_IMAGE = "no image file in tar sample"
+
+
+@dataclass
+class PipelineStats:
+    """Where a run's time went; `input_wait_seconds` is the encoder idle, waiting for decoded images."""
+
+    shards: int = 0
+    images: int = 0
+    undecodable: int = 0
+    seconds: float = 0.0
+    input_wait_seconds: float = 0.0
+    read_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    publish_seconds: float = 0.0
+    gpu_decoded: int = 0
+    cpu_fallbacks: Counter = field(default_factory=Counter)
+    engine: EngineStats | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def as_metadata(self) -> dict[str, Any]:
+        """The numbers a user checks on the run: throughput, encoder idle share, OOM retries."""
+        engine = self.engine or EngineStats()
+        return {
+            "images_per_second": round(self.images_per_second, 2),
+            "encoder_idle_share": round(self.input_wait_seconds / self.seconds, 4) if self.seconds else 0.0,
+            "batch_size": engine.batch_sizes[-1] if engine.batch_sizes else 0,
+            "oom_retries": engine.oom_retries,
+            "compile_seconds": round(engine.compile_seconds, 2),
+            "gpu_decoded": self.gpu_decoded,
+            "cpu_decode_fallbacks": dict(self.cpu_fallbacks),
+        }
+
+
+@dataclass
+class _Start:
+    acc: ShardAccumulator
+
+
+@dataclass
+class _Chunk:
+    acc: ShardAccumulator
+    items: list[tuple[str, bytes]]
+    missing: list[str]
+    decoded: Any = None
+
+
+@dataclass
+class _End:
+    shard_id: int
+    acc: ShardAccumulator | None = None
+    error: BaseException | None = None
+    tar_error: str | None = None
+
+
+@dataclass
+class _Fatal:
+    error: BaseException
+
+
+class _Stopped(Exception):
+    pass
+
+
+class EncodePipeline:
+    """Encodes shards with one engine and one decoder; ``run`` may be called for several batches of shards."""
+
+    def __init__(
+        self,
+        layout: StorageLayout,
+        spec: CodeSpec,
+        engine: ModelEngine | CallableEngine,
+        decoder: ImageDecoder,
+        *,
+        progress: Callable[[str], None] | None = None,
+        queue_depth: int = QUEUE_DEPTH,
+    ) -> None:
+        self.layout, self.spec, self.engine, self.decoder = layout, spec, engine, decoder
+        self.progress = progress or (lambda _message: None)
+        self.queue_depth = queue_depth
+        self.stats = PipelineStats(engine=engine.stats)
+
+    # -- the two feeding threads --------------------------------------------------------------------------------
+
+    def _put(self, q: queue.Queue, item: object, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _open_shard(self, shard_id: int, keep: int) -> ShardAccumulator:
+        dest = self.spec.destination(self.layout, shard_id)
+        if not self.spec.replace_other_versions:
+            refuse_other_version(dest, self.spec.provenance)
+        status = status_rows(self.layout, shard_id)
+        tar_url = self.layout.image_tar(shard_id)
+        require_upstream(tar_url, "image_tars", read=False)
+        return ShardAccumulator(shard_id, status, tar_url, dest, keep_samples=keep)
+
+    def _read(self, shard_ids: Sequence[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:
+        """Stream each tar into chunks of one batch; a shard's failure ends that shard only."""
+        try:
+            for shard_id in shard_ids:
+                started = time.perf_counter()
+                try:
+                    acc = self._open_shard(shard_id, keep.get(shard_id, 0))
+                except Exception as err:  # noqa: BLE001 - that shard's outcome, yielded in order
+                    self._put(out, _End(shard_id, error=err), stop)
+                    continue
+                self._put(out, _Start(acc), stop)
+                items: list[tuple[str, bytes]] = []
+                missing: list[str] = []
+                end = _End(shard_id, acc)
+                try:
+                    for sample in iter_samples(acc.tar_url):
+                        acc.tar_keys.add(sample.key)
+                        image = sample.image
+                        if image is None:
+                            missing.append(sample.key)
+                        else:
+                            items.append((sample.key, image))
+                        if len(items) >= self.engine.batch_size:
+                            self.stats.read_seconds += time.perf_counter() - started
+                            self._put(out, _Chunk(acc, items, missing), stop)
+                            started = time.perf_counter()
+                            items, missing = [], []
+                except TruncatedTarError as err:
+                    end.tar_error = str(err)
+                except _Stopped:
+                    raise
+                except Exception as err:  # noqa: BLE001 - the shard's outcome
+                    end.error = err
+                self.stats.read_seconds += time.perf_counter() - started
+                if end.error is None and (items or missing):
+                    self._put(out, _Chunk(acc, items, missing), stop)
+                self._put(out, end, stop)
+            self._put(out, None, stop)
+        except _Stopped:
+            return
+        except BaseException as err:  # noqa: BLE001 - a bug here must surface in the caller's thread
+            self._put(out, _Fatal(err), stop)
+
+    def _decode(self, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while True:
+                msg = inbox.get()
+                if isinstance(msg, _Chunk) and msg.items:
+                    started = time.perf_counter()
+                    msg.decoded = self.decoder.decode(msg.items)
+                    self.stats.decode_seconds += time.perf_counter() - started
+                self._put(out, msg, stop)
+                if msg is None or isinstance(msg, _Fatal):
+                    return
+        except _Stopped:
+            return
+        except BaseException as err:  # noqa: BLE001 - surfaces in the caller's thread
+            with contextlib.suppress(_Stopped):
+                self._put(out, _Fatal(err), stop)
+
+    # -- the encoder, in the caller's thread --------------------------------------------------------------------
+
+    def run(
+        self, shard_ids: Sequence[int], keep_samples: Mapping[int, int] | None = None
+    ) -> Iterator[tuple[int, CodeShardResult | BaseException]]:
+        """Yield ``(shard_id, result or exception)`` for each shard, in the order given."""
+        stop = threading.Event()
+        chunks: queue.Queue = queue.Queue(self.queue_depth)
+        decoded: queue.Queue = queue.Queue(self.queue_depth)
+        threads = [
+            threading.Thread(target=self._read, args=(list(shard_ids), keep_samples or {}, chunks, stop), daemon=True),
+            threading.Thread(target=self._decode, args=(chunks, decoded, stop), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laion-vq-publish")
+        outcomes: deque[tuple[int, Future | BaseException]] = deque()
+        inflight: tuple[ShardAccumulator, Any, Any, float] | None = None
+        started = time.perf_counter()
+        shard_started: dict[int, float] = {}
+
+        def collect() -> None:
+            nonlocal inflight
+            if inflight is None:
+                return
+            acc, pending, batch, submitted = inflight
+            t0 = time.perf_counter()
+            codes = pending.result()
+            acc.encode_seconds += time.perf_counter() - t0 + submitted
+            images = None
+            if len(acc.samples) < acc.keep_samples:
+                images = batch.images[: acc.keep_samples - len(acc.samples)].cpu().numpy()
+            acc.add(batch.keys, codes, batch.sha256, images)
+            self.stats.images += len(batch.keys)
+            inflight = None
+
+        def publish(acc: ShardAccumulator, tar_error: str | None, elapsed: float) -> CodeShardResult:
+            t0 = time.perf_counter()
+            try:
+                return publish_shard(acc, self.spec, tar_error, elapsed)
+            finally:
+                self.stats.publish_seconds += time.perf_counter() - t0
+
+        try:
+            while True:
+                t0 = time.perf_counter()
+                msg = decoded.get()
+                self.stats.input_wait_seconds += time.perf_counter() - t0
+                if msg is None:
+                    break
+                if isinstance(msg, _Fatal):
+                    raise msg.error
+                if isinstance(msg, _Start):
+                    shard_started[msg.acc.shard_id] = time.perf_counter()
+                elif isinstance(msg, _Chunk):
+                    acc = msg.acc
+                    for key in msg.missing:
+                        acc.fail(key, NO_IMAGE)
+                    batch = msg.decoded
+                    if batch is not None:
+                        for key, reason, _sha in batch.failed:
+                            acc.fail(key, reason)
+                        self.stats.gpu_decoded += batch.gpu_decoded
+                        self.stats.cpu_fallbacks.update(batch.cpu_fallbacks)
+                        if batch.keys:
+                            t1 = time.perf_counter()
+                            pending = self.engine.submit(batch.images, batch.keys)
+                            submitted = time.perf_counter() - t1
+                            collect()  # the previous batch's codes, while this one runs
+                            inflight = (acc, pending, batch, submitted)
+                    self.progress(acc.progress())
+                elif isinstance(msg, _End):
+                    collect()
+                    self.stats.shards += 1
+                    if msg.error is not None or msg.acc is None:
+                        outcomes.append((msg.shard_id, msg.error or RuntimeError("shard not read")))
+                    else:
+                        elapsed = time.perf_counter() - shard_started.get(msg.shard_id, started)
+                        self.stats.undecodable += sum(msg.acc.undecodable.values())
+                        outcomes.append((msg.shard_id, writer.submit(publish, msg.acc, msg.tar_error, elapsed)))
+                while outcomes and (not isinstance(outcomes[0][1], Future) or outcomes[0][1].done()):
+                    yield _resolve(*outcomes.popleft())
+            collect()
+            while outcomes:
+                yield _resolve(*outcomes.popleft())
+        finally:
+            stop.set()
+            writer.shutdown(wait=True)
+            for thread in threads:
+                thread.join(timeout=5)
+            self.stats.seconds += time.perf_counter() - started
+
+    def encode_all(self, shard_ids: Sequence[int], keep_samples: Mapping[int, int] | None = None) -> dict:
+        """Run to the end: {shard_id: result or exception}."""
+        return dict(self.run(shard_ids, keep_samples))
+
+
+def _resolve(shard_id: int, outcome: Future | BaseException) -> tuple[int, CodeShardResult | BaseException]:
+    if isinstance(outcome, BaseException):
+        return shard_id, outcome
+    error = outcome.exception()
+    return shard_id, error if error is not None else outcome.result()
