@@ -37,7 +37,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -452,15 +452,3 @@ class ImageDecoder:
             cpu_fallbacks=dict(fallbacks),
             gpu_batch_errors=batch_errors,
         )
-
-
-def decode_all(decoder: ImageDecoder, items: Iterable[tuple[str, bytes]], batch_size: int) -> Iterable[DecodedBatch]:
-    """``decoder.decode`` over ``items`` in chunks of ``batch_size`` (a convenience for benchmarks and tests)."""
-    chunk: list[tuple[str, bytes]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= batch_size:
-            yield decoder.decode(chunk)
-            chunk = []
-    if chunk:
-        yield decoder.decode(chunk)
