@@ -22,6 +22,7 @@ from laion_vq.defs.resources import (
 )
 from laion_vq.fixtures.demo_inputs import shard_urls
 from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.storage import StorageLayout
 
 from .conftest import TINY_MODEL
@@ -96,10 +97,14 @@ def _assert_pipeline_outputs(instance, layout, urls):
         # code rows = successes − undecodable
         assert c["encoded"] == c["downloaded"] - c["undecodable"] == i["successes"]
         # every partition's page says what made its codes
-        assert (c["model"], c["dtype"], c["index_rule"]) == (TINY_MODEL, "fp32", "argmax")
+        assert (c["model"], c["dtype"], c["encode_mode"], c["index_rule"]) == (TINY_MODEL, "fp32", "exact", "argmax")
+        # and how the run's pipeline went: throughput, how long the encoder waited for input, OOM retries
+        assert c["run_images_per_second"] > 0 and 0 <= c["run_encoder_idle_share"] <= 1
+        assert (c["run_batch_size"], c["run_oom_retries"]) == (4, 0)
         assert len(c["checkpoint_sha256"]) == 64 and c["checkpoint"].endswith(".ckpt")
         table = pq.read_table(layout.code_shard(TINY_MODEL, shard))
         assert table.num_rows == c["encoded"]
+        assert read_codes_provenance(layout.code_shard(TINY_MODEL, shard))["encode_mode"] == "exact"
         keys = table.column("key").to_pylist()
         assert keys == sorted(keys) and all(k.startswith(key) for k in keys)
         for row in table.to_pylist():
@@ -124,11 +129,16 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         _assert_pipeline_outputs(instance, layout, urls)
         # the checks ran inside the run: one evaluation per shard and check, each on its own partition
         in_run = {(e.check_name, e.partition): e for e in result.get_asset_check_evaluations()}
-        assert set(in_run) == {(c, k) for c in ("raw_metadata_shards_valid", "image_tars_complete",
-                                                "code_parquets_contract") for k in ("00000", "00001")}
+        assert set(in_run) == {
+            (c, k)
+            for c in ("raw_metadata_shards_valid", "image_tars_complete", "code_parquets_contract")
+            for k in ("00000", "00001")
+        }
         assert all(e.passed for e in in_run.values())
         one = dg.materialize(
-            [code_parquets, code_parquets_contract], partition_key="00001", instance=instance,
+            [code_parquets, code_parquets_contract],
+            partition_key="00001",
+            instance=instance,
             resources=defs.resources,
         )
         assert [(e.check_name, e.partition) for e in one.get_asset_check_evaluations()] == [

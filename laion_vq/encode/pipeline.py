@@ -226,6 +226,11 @@ class EncodePipeline:
         outcomes: deque[tuple[int, Future | BaseException]] = deque()
         inflight: tuple[ShardAccumulator, Any, Any, float] | None = None
         started = time.perf_counter()
+        earlier = self.stats.seconds  # a pipeline may run several batches of shards
+
+        def tick() -> None:
+            self.stats.seconds = earlier + time.perf_counter() - started
+
         shard_started: dict[int, float] = {}
 
         def collect() -> None:
@@ -288,16 +293,19 @@ class EncodePipeline:
                         self.stats.undecodable += sum(msg.acc.undecodable.values())
                         outcomes.append((msg.shard_id, writer.submit(publish, msg.acc, msg.tar_error, elapsed)))
                 while outcomes and (not isinstance(outcomes[0][1], Future) or outcomes[0][1].done()):
+                    tick()
                     yield _resolve(*outcomes.popleft())
             collect()
             while outcomes:
-                yield _resolve(*outcomes.popleft())
+                outcome = _resolve(*outcomes.popleft())
+                tick()
+                yield outcome
         finally:
             stop.set()
             writer.shutdown(wait=True)
             for thread in threads:
                 thread.join(timeout=5)
-            self.stats.seconds += time.perf_counter() - started
+            tick()
 
     def encode_all(self, shard_ids: Sequence[int], keep_samples: Mapping[int, int] | None = None) -> dict:
         """Run to the end: {shard_id: result or exception}."""

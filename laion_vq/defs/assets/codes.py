@@ -168,7 +168,10 @@ def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, e
         provenance_meta = made_by(encoder, provenance)
 
         def metadata(result: CodeShardResult) -> dict:
-            return {**_metadata(result), **provenance_meta, **_preview(context, encoder, result)}
+            # the run's pipeline so far: throughput, how long the encoder waited for input, OOM retries
+            run = {f"run_{k}": v for k, v in pipeline.stats.as_metadata().items() if k != "cpu_decode_fallbacks"}
+            run["run_cpu_decode_fallbacks"] = dg.MetadataValue.json(dict(pipeline.stats.cpu_fallbacks))
+            return {**_metadata(result), **provenance_meta, **run, **_preview(context, encoder, result)}
 
         try:
             results = for_each_shard(context, work, metadata, excluded)
