@@ -55,7 +55,8 @@ def test_auto_reads_the_model_yaml_beside_the_checkpoint(yaml_checkpoint):
     engine = resource.engine()
     assert engine is resource.engine() and engine.batch_size == 2 and engine.mode == "exact"
     assert resource.provenance()["encode_mode"] == "exact" and resource.dtype == "fp32"
-    resource.teardown_after_execution(None)  # type: ignore[arg-type]  # CPU: nothing to free, must not fail
+    resource.teardown_after_execution(None)  # type: ignore[arg-type]
+    assert resource._engine is None and resource._loaded is None  # the next run loads afresh
 
 
 def test_a_registry_name_that_disagrees_with_the_yaml_is_refused(yaml_checkpoint):

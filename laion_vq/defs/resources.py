@@ -89,8 +89,8 @@ class DownloaderResource(dg.ConfigurableResource):
 class VQGANEncoderResource(dg.ConfigurableResource):
     """Which VQGAN, which checkpoint, where it runs, in which mode (`exact` or `fast`, see
     `laion_vq.encode.engine`), and how logits become codes (`index_rule`: `argmax` or `sample`, see
-    `laion_vq.vqgan.sampling`). The model loads once per process and is reused; GPU memory is given back
-    after each run."""
+    `laion_vq.vqgan.sampling`). The model loads once per run and serves all its shards; GPU memory is given
+    back when the run ends."""
 
     model: str = settings.MODEL.default  # type: ignore[assignment]
     checkpoint: str | None = None
@@ -236,9 +236,12 @@ class VQGANEncoderResource(dg.ConfigurableResource):
         return ImageDecoder(settings.IMAGE_SIZE, device, cpu_workers=self.decode_workers or None)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        """Free the GPU between runs of one process: the engine's cached blocks go back to the driver."""
-        if self._engine is not None:
-            self._engine.release()
+        """Free the GPU between runs of one process: drop the model, engine and decoder, give cached blocks
+        back to the driver (the next run loads again: ~2 s, README *Run granularity*)."""
+        engine = self._engine
+        self._engine = self._loaded = self._decoder = None
+        if engine is not None:
+            engine.release()
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -256,9 +256,13 @@ class ModelEngine:
         return self.submit(images, keys).result()
 
     def release(self) -> None:
-        """Give cached GPU memory back (between runs of one process)."""
+        """Drop the compiled body and give cached GPU memory back (between runs of one process)."""
+        self._body = self._eager_body = self.model.encoder
         if self._cuda:
+            import gc
+
             torch.cuda.synchronize(self.device)
+            gc.collect()
             torch.cuda.empty_cache()
 
 

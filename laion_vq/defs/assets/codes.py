@@ -159,7 +159,10 @@ def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, e
                     f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
                     "then re-run the check"
                 )
-            done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
+            try:
+                done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
+            except StopIteration:
+                raise RuntimeError("the encode pipeline stopped before this shard (see the first failure)") from None
             assert done == shard, f"pipeline yielded shard {done} for {shard}"
             if isinstance(outcome, BaseException):
                 raise outcome
