@@ -425,8 +425,9 @@ def measure(variant: str, args: argparse.Namespace, workdir: Path) -> Result:
             result.runs_by_status = dict(Counter(r.dagster_run.status.value for r in records))
             result.runs_by_kind = dict(Counter(run_kind(r.dagster_run.asset_selection) for r in records))
             widths = [_width(r.dagster_run.tags) for r in records]
-            result.shards_in_runs = sum(w for w, r in zip(widths, records, strict=True)
-                                        if run_kind(r.dagster_run.asset_selection) == "download")
+            result.shards_in_runs = sum(
+                w for w, r in zip(widths, records, strict=True) if run_kind(r.dagster_run.asset_selection) == "download"
+            )
             result.max_shards_per_run = max(widths, default=0)
             result.asset_partitions_in_runs = sum(
                 w * len(r.dagster_run.asset_selection or ()) for w, r in zip(widths, records, strict=True)
@@ -504,8 +505,10 @@ def mb(n: float) -> str:
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
     print("\n" + "=" * 100)
-    print(f"backfill of {args.partitions} partitions × {len(ASSETS)} assets, budget {args.minutes} min per variant, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"backfill of {args.partitions} partitions × {len(ASSETS)} assets, budget {args.minutes} min per variant, "
+        f"{os.cpu_count()} CPUs"
+    )
     for r in results:
         per_k = 1000 / r.shards_in_runs if r.shards_in_runs else math.nan
         growth = r.db_after - r.db_before
@@ -515,66 +518,100 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         print(f"\n[{r.variant}]")
         print(f"  created (launchPartitionBackfill):   {r.create_s:.2f} s")
         print(f"  runs the backfill needs:             {r.needed} = {r.planned} (targets {r.targeted})")
-        print(f"  runs created after {r.elapsed_s:.0f} s:            {r.runs_created} {r.runs_by_kind}, "
-              f"statuses {r.runs_by_status}; widest run {r.max_shards_per_run} shards")
+        print(
+            f"  runs created after {r.elapsed_s:.0f} s:            {r.runs_created} {r.runs_by_kind}, "
+            f"statuses {r.runs_by_status}; widest run {r.max_shards_per_run} shards"
+        )
         first_eval = r.evaluations[0] if r.evaluations else math.nan
-        print(f"  first run queued after:              {r.first_run_s:.1f} s: the daemon's first iteration began at "
-              f"{first_eval:.0f} s (its 30 s tick), planning it took {r.first_run_s - first_eval:.0f} s; "
-              f"{len(r.evaluations)} iterations began")
-        print(f"  steady enqueue rate:                 {r.steady_rate:.2f} runs/s "
-              f"(over the run lifetime incl. latency: {r.runs_created / r.elapsed_s:.2f} runs/s); daemon CPU "
-              f"{1000 * r.daemon_cpu_s / max(1, r.runs_created):.0f} ms per run (PostgreSQL's own not counted)")
+        print(
+            f"  first run queued after:              {r.first_run_s:.1f} s: the daemon's first iteration began at "
+            f"{first_eval:.0f} s (its 30 s tick), planning it took {r.first_run_s - first_eval:.0f} s; "
+            f"{len(r.evaluations)} iterations began"
+        )
+        print(
+            f"  steady enqueue rate:                 {r.steady_rate:.2f} runs/s "
+            f"(over the run lifetime incl. latency: {r.runs_created / r.elapsed_s:.2f} runs/s); daemon CPU "
+            f"{1000 * r.daemon_cpu_s / max(1, r.runs_created):.0f} ms per run (PostgreSQL's own not counted)"
+        )
         per_run = {k: v / max(1, r.runs_created) for k, v in r.pg_stats.items()}
         if per_run:
-            print(f"  PostgreSQL per run created:          {per_run['sessions']:.0f} connections, "
-                  f"{per_run['active_time']:.0f} ms executing statements, {per_run['xact_commit']:.0f} transactions, "
-                  f"{per_run['tup_inserted']:.0f} rows inserted, {per_run['tup_updated']:.0f} updated "
-                  "(this database only, while the daemon enqueued)")
-        print("  runs created over time (s, runs):    "
-              + ", ".join(f"{t:.0f}:{n}" for t, n in r.samples[:: max(1, len(r.samples) // 12)]))
-        print(f"  all {r.enqueueable} download runs queued:     "
-              f"{_fmt_s(enqueue_now)} ({'measured' if r.runs_created >= r.enqueueable else 'extrapolated'})")
-        print(f"  all {r.needed} runs queued (enqueue work):  {_fmt_s(enqueue_all)} … {_fmt_s(enqueue_all_hi)} "
-              "(every run priced as a download run … by the asset partitions it covers; the encoder runs also "
-              "wait for their downloads)")
-        print("  partition status (UI query), median: before "
-              + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_before.items()))
-        print("                                       after  "
-              + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_after.items())
-              + f"  (materializing {r.materializing_after})")
-        print("                                after cancel  "
-              + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_after_cancel.items()))
-        print(f"  database: {mb(r.db_before)} → {mb(r.db_after)}, +{mb(growth)} for {r.shards_in_runs} shards in runs "
-              f"= {mb(growth * per_k)} per 1,000 shards; grew most: "
-              + ", ".join(f"{t} +{mb(g)}" for t, g in r.table_growth.items() if g > 0))
-        print(f"  cancel: mutation {r.cancel_request_s:.2f} s, backfill {r.cancel_status} "
-              f"after {r.cancel_done_s:.1f} s, {r.runs_canceled} runs canceled, {r.queued_left} left queued, "
-              f"{r.runs_after_cancel_seen} created after the request")
+            print(
+                f"  PostgreSQL per run created:          {per_run['sessions']:.0f} connections, "
+                f"{per_run['active_time']:.0f} ms executing statements, {per_run['xact_commit']:.0f} transactions, "
+                f"{per_run['tup_inserted']:.0f} rows inserted, {per_run['tup_updated']:.0f} updated "
+                "(this database only, while the daemon enqueued)"
+            )
+        print(
+            "  runs created over time (s, runs):    "
+            + ", ".join(f"{t:.0f}:{n}" for t, n in r.samples[:: max(1, len(r.samples) // 12)])
+        )
+        print(
+            f"  all {r.enqueueable} download runs queued:     "
+            f"{_fmt_s(enqueue_now)} ({'measured' if r.runs_created >= r.enqueueable else 'extrapolated'})"
+        )
+        print(
+            f"  all {r.needed} runs queued (enqueue work):  {_fmt_s(enqueue_all)} … {_fmt_s(enqueue_all_hi)} "
+            "(every run priced as a download run … by the asset partitions it covers; the encoder runs also "
+            "wait for their downloads)"
+        )
+        print(
+            "  partition status (UI query), median: before "
+            + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_before.items())
+        )
+        print(
+            "                                       after  "
+            + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_after.items())
+            + f"  (materializing {r.materializing_after})"
+        )
+        print(
+            "                                after cancel  "
+            + ", ".join(f"{a} {s:.3f} s" for a, s in r.status_after_cancel.items())
+        )
+        print(
+            f"  database: {mb(r.db_before)} → {mb(r.db_after)}, +{mb(growth)} for {r.shards_in_runs} shards in runs "
+            f"= {mb(growth * per_k)} per 1,000 shards; grew most: "
+            + ", ".join(f"{t} +{mb(g)}" for t, g in r.table_growth.items() if g > 0)
+        )
+        print(
+            f"  cancel: mutation {r.cancel_request_s:.2f} s, backfill {r.cancel_status} "
+            f"after {r.cancel_done_s:.1f} s, {r.runs_canceled} runs canceled, {r.queued_left} left queued, "
+            f"{r.runs_after_cancel_seen} created after the request"
+        )
         if r.daemon_errors:
             print("  daemon errors: " + " | ".join(r.daemon_errors))
         status_worst = max([*r.status_before.values(), *r.status_after.values()], default=math.nan)
         print("  targets:")
-        print(f"    created < {TARGET_CREATE_S:.0f} s:              {r.create_s:.2f} s  "
-              f"{_met(r.create_s < TARGET_CREATE_S)}")
-        print(f"    partition status < {TARGET_STATUS_S:.0f} s:     worst median {status_worst:.3f} s  "
-              f"{_met(status_worst < TARGET_STATUS_S)}")
+        print(
+            f"    created < {TARGET_CREATE_S:.0f} s:              {r.create_s:.2f} s  "
+            f"{_met(r.create_s < TARGET_CREATE_S)}"
+        )
+        print(
+            f"    partition status < {TARGET_STATUS_S:.0f} s:     worst median {status_worst:.3f} s  "
+            f"{_met(status_worst < TARGET_STATUS_S)}"
+        )
         verdict = _met(enqueue_all < TARGET_ENQUEUE_S)
         if enqueue_all < TARGET_ENQUEUE_S <= enqueue_all_hi:
             verdict = "met only if encoder runs cost what download runs do"
-        print(f"    every run enqueued < {TARGET_ENQUEUE_S / 60:.0f} min: {_fmt_s(enqueue_all)} … "
-              f"{_fmt_s(enqueue_all_hi)}  {verdict}")
-        print(f"    cancels cleanly:            {r.cancel_status}, {r.queued_left} queued left  "
-              f"{_met(r.cancel_status == 'CANCELED' and r.queued_left == 0)}")
+        print(
+            f"    every run enqueued < {TARGET_ENQUEUE_S / 60:.0f} min: {_fmt_s(enqueue_all)} … "
+            f"{_fmt_s(enqueue_all_hi)}  {verdict}"
+        )
+        print(
+            f"    cancels cleanly:            {r.cancel_status}, {r.queued_left} queued left  "
+            f"{_met(r.cancel_status == 'CANCELED' and r.queued_left == 0)}"
+        )
     if len(results) > 1:
         print("\nenqueue rate by daemon setting:")
         for r in results:
-            print(f"  {r.variant:<18} first run {r.first_run_s:6.1f} s, {r.steady_rate:5.2f} runs/s, "
-                  f"daemon CPU {1000 * r.daemon_cpu_s / max(1, r.runs_created):4.0f} ms/run, "
-                  f"PG {r.pg_stats.get('sessions', 0) / max(1, r.runs_created):3.0f} conn/run "
-                  f"{r.pg_stats.get('active_time', 0) / max(1, r.runs_created):4.0f} ms/run, "
-                  f"{r.runs_created} runs in {r.elapsed_s:.0f} s, "
-                  f"all {r.enqueueable} download runs in {_fmt_s(r.extrapolated_s(r.enqueueable))}, all {r.needed} "
-                  f"in {_fmt_s(r.extrapolated_s(r.needed))} … {_fmt_s(r.extrapolated_by_partitions_s())}")
+            print(
+                f"  {r.variant:<18} first run {r.first_run_s:6.1f} s, {r.steady_rate:5.2f} runs/s, "
+                f"daemon CPU {1000 * r.daemon_cpu_s / max(1, r.runs_created):4.0f} ms/run, "
+                f"PG {r.pg_stats.get('sessions', 0) / max(1, r.runs_created):3.0f} conn/run "
+                f"{r.pg_stats.get('active_time', 0) / max(1, r.runs_created):4.0f} ms/run, "
+                f"{r.runs_created} runs in {r.elapsed_s:.0f} s, "
+                f"all {r.enqueueable} download runs in {_fmt_s(r.extrapolated_s(r.enqueueable))}, all {r.needed} "
+                f"in {_fmt_s(r.extrapolated_s(r.needed))} … {_fmt_s(r.extrapolated_by_partitions_s())}"
+            )
 
 
 def _fmt_s(s: float) -> str:
@@ -583,6 +620,7 @@ def _fmt_s(s: float) -> str:
 
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
+
 
 #: What one run costs inside the daemon's iteration, by the functions that do it (file suffix, function).
 PROFILE_PARTS = [
@@ -624,8 +662,9 @@ def profile_iteration(args: argparse.Namespace, workdir: Path) -> None:
     print(f"\n=== profile of the daemon's backfill iteration: {args.partitions} partitions, {args.profile:.0f} s")
     with (
         postgres_database("laion_vq_bench") as pg_url,
-        dagster_services(workdir / "dagster_home", pg_url, env=env, overrides={"concurrency": concurrency},
-                         daemon=False) as services,
+        dagster_services(
+            workdir / "dagster_home", pg_url, env=env, overrides={"concurrency": concurrency}, daemon=False
+        ) as services,
         services.instance() as instance,
     ):
         wait_for_location(services)
@@ -653,8 +692,10 @@ def profile_iteration(args: argparse.Namespace, workdir: Path) -> None:
                 os.environ["DAGSTER_PG_URL"] = saved
         runs = count_runs(instance, backfill_id)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    print(f"iteration ran {wall:.1f} s under the profiler and created {runs} runs ({runs / wall:.2f} runs/s; "
-          "the profiler slows Python, not PostgreSQL)")
+    print(
+        f"iteration ran {wall:.1f} s under the profiler and created {runs} runs ({runs / wall:.2f} runs/s; "
+        "the profiler slows Python, not PostgreSQL)"
+    )
     print(f"{'part':<58}{'calls/run':>10}{'ms/run':>9}{'share':>8}")
     for suffix, name, label in PROFILE_PARTS:
         calls = cumulative = 0.0
@@ -674,8 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-timeout", type=float, default=600.0)
     parser.add_argument("--variants", default="production", help=f"comma-separated, from {sorted(VARIANTS)}")
     parser.add_argument("--workdir", help="where DAGSTER_HOME goes (default: a temp folder)")
-    parser.add_argument("--profile", type=float, default=0.0,
-                        help="instead: profile the daemon's backfill iteration in this process for this many seconds")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        help="instead: profile the daemon's backfill iteration in this process for this many seconds",
+    )
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)

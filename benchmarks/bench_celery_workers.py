@@ -61,8 +61,13 @@ def measure(services, instance, first_shard: int, shards: int, timeout: float = 
                 if worker is not None:
                     workers.add(worker.value.split("@")[0])
     window = max(ends) - min(starts)
-    return {"window_s": window, "images": images, "images_per_s": images / window,
-            "per_shard_images_per_s": sum(rates) / len(rates), "workers_used": len(workers)}
+    return {
+        "window_s": window,
+        "images": images,
+        "images_per_s": images / window,
+        "per_shard_images_per_s": sum(rates) / len(rates),
+        "workers_used": len(workers),
+    }
 
 
 def main() -> None:
@@ -71,9 +76,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=6, help="download runs (one shard each) per worker count")
     parser.add_argument("--samples", type=int, default=200, help="images per shard")
     parser.add_argument("--threads", type=int, default=16, help="LAION_VQ_DOWNLOAD_THREADS")
-    parser.add_argument("--latency", type=float, default=0.0,
-                        help="seconds the server waits before each image (0: loopback speed, CPU-bound shards; "
-                             "0.2 with 16 threads: ≤ 80 images/s a shard, latency-bound like the web)")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds the server waits before each image (0: loopback speed, CPU-bound shards; "
+        "0.2 with 16 threads: ≤ 80 images/s a shard, latency-bound like the web)",
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
 
@@ -90,9 +99,11 @@ def main() -> None:
 
     if unreachable := rabbitmq_reachable():
         raise SystemExit(unreachable)
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; {args.shards} shards × "
-          f"{args.samples} loopback photos per worker count, {args.threads} threads per shard, "
-          f"{args.latency} s server latency")
+    print(
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; {args.shards} shards × "
+        f"{args.samples} loopback photos per worker count, {args.threads} threads per shard, "
+        f"{args.latency} s server latency"
+    )
     prefix = f"lvqbench{uuid.uuid4().hex[:6]}."
     total_shards = 1 + args.shards * len(counts)
     services_module.WORKSPACE = REPO / "deploy" / "celery" / "workspace.yaml"
@@ -102,10 +113,17 @@ def main() -> None:
             photos = [p.replace("/img/", "/slow/") for p in photos]
         urls = [[server.url(photos[(s + i) % len(photos)]) for i in range(args.samples)] for s in range(total_shards)]
         write_parts(f"{tmp}/meta", urls, row_group_size=max(2, args.samples // 4))
-        env = {**QUIET, "LAION_VQ_STORAGE": f"{tmp}/data", "LAION_VQ_METADATA": f"{tmp}/meta",
-               "LAION_VQ_NUM_SHARDS": str(total_shards), "LAION_VQ_SAMPLES_PER_SHARD": str(args.samples),
-               "LAION_VQ_DOWNLOAD_THREADS": str(args.threads), "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": "127.0.0.1/32",
-               "LAION_VQ_CELERY_BROKER": BROKER, "LAION_VQ_CELERY_QUEUE_PREFIX": prefix}
+        env = {
+            **QUIET,
+            "LAION_VQ_STORAGE": f"{tmp}/data",
+            "LAION_VQ_METADATA": f"{tmp}/meta",
+            "LAION_VQ_NUM_SHARDS": str(total_shards),
+            "LAION_VQ_SAMPLES_PER_SHARD": str(args.samples),
+            "LAION_VQ_DOWNLOAD_THREADS": str(args.threads),
+            "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": "127.0.0.1/32",
+            "LAION_VQ_CELERY_BROKER": BROKER,
+            "LAION_VQ_CELERY_QUEUE_PREFIX": prefix,
+        }
         overrides = {"run_coordinator": {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"}}
         home = Path(tmp) / "home"
         workers = []
@@ -119,8 +137,12 @@ def main() -> None:
                 worker_env = {**env, "DAGSTER_HOME": str(home), "DAGSTER_PG_URL": pg_url}
                 next_shard, results = 0, []
                 for label, count, shards in [("warm-up", 1, 1)] + [(f"{c} worker(s)", c, args.shards) for c in counts]:
-                    workers = [start_worker(f"bench{len(results)}w{i}", [prefix + "download"], worker_env,
-                                            Path(tmp) / "workers") for i in range(count)]
+                    workers = [
+                        start_worker(
+                            f"bench{len(results)}w{i}", [prefix + "download"], worker_env, Path(tmp) / "workers"
+                        )
+                        for i in range(count)
+                    ]
                     wait_for_workers(workers)
                     started = time.perf_counter()
                     row = measure(services, instance, next_shard, shards)
@@ -128,16 +150,20 @@ def main() -> None:
                     for worker in workers:
                         worker.stop()
                     workers = []
-                    print(f"  {label:12s} {row['images']:5d} images in {row['window_s']:6.1f} s: "
-                          f"{row['images_per_s']:6.1f} images/s (per shard {row['per_shard_images_per_s']:5.1f}; "
-                          f"{row['workers_used']} worker(s) used; wall {time.perf_counter() - started:.0f} s; "
-                          f"load average {os.getloadavg()[0]:.1f})")
+                    print(
+                        f"  {label:12s} {row['images']:5d} images in {row['window_s']:6.1f} s: "
+                        f"{row['images_per_s']:6.1f} images/s (per shard {row['per_shard_images_per_s']:5.1f}; "
+                        f"{row['workers_used']} worker(s) used; wall {time.perf_counter() - started:.0f} s; "
+                        f"load average {os.getloadavg()[0]:.1f})"
+                    )
                     if label != "warm-up":
                         results.append((count, row))
                 base = results[0][1]["images_per_s"]
                 for count, row in results:
-                    print(f"{count} download worker(s): {row['images_per_s']:.1f} images/s, "
-                          f"{row['images_per_s'] / base:.2f}× {results[0][0]} worker(s)")
+                    print(
+                        f"{count} download worker(s): {row['images_per_s']:.1f} images/s, "
+                        f"{row['images_per_s'] / base:.2f}× {results[0][0]} worker(s)"
+                    )
         finally:
             for worker in workers:
                 worker.stop()

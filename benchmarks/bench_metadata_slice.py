@@ -51,6 +51,7 @@ def make_part(path: str, rows: int, row_group: int) -> None:
 
 def read_bytes_of(fn) -> tuple[float, int, object]:
     """Wall time and bytes read from disk (Linux /proc/self/io `rchar`) of one call."""
+
     def rchar() -> int:
         with open("/proc/self/io") as f:
             return int(next(line for line in f if line.startswith("rchar")).split()[1])

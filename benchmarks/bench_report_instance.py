@@ -159,7 +159,9 @@ def main() -> None:
             instance.dispose()
     records = sum(f.height for f in frames.values())
     total = read + built
-    print(f"instance reads: {records} records in {read:.2f} s; polars report + write: {built:.2f} s; total {total:.2f} s")  # noqa: E501
+    print(
+        f"instance reads: {records} records in {read:.2f} s; polars report + write: {built:.2f} s; total {total:.2f} s"
+    )  # noqa: E501
     fabricated = len(range(7, args.shards, 1000))
     print(f"corrupted shards found: {report.summary['corrupted_shards']} (fabricated {fabricated})")
     print(f"reference (per-partition queries, scaled from {args.reference_sample} shards): {reference:.1f} s")

@@ -107,9 +107,14 @@ def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, fl
     with tempfile.TemporaryDirectory() as tmp, ImageServer() as server:
         photos = server.photo_paths()
         write_parts(f"{tmp}/meta", [[server.url(photos[i % len(photos)]) for i in range(2 * (warmup + runs))]])
-        env = {**QUIET, "LAION_VQ_STORAGE": f"{tmp}/data", "LAION_VQ_METADATA": f"{tmp}/meta",
-               "LAION_VQ_SAMPLES_PER_SHARD": "2", "LAION_VQ_DOWNLOAD_THREADS": "2",
-               "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": "127.0.0.1/32"}
+        env = {
+            **QUIET,
+            "LAION_VQ_STORAGE": f"{tmp}/data",
+            "LAION_VQ_METADATA": f"{tmp}/meta",
+            "LAION_VQ_SAMPLES_PER_SHARD": "2",
+            "LAION_VQ_DOWNLOAD_THREADS": "2",
+            "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": "127.0.0.1/32",
+        }
         with (
             postgres_database("laion_vq_bench") as pg_url,
             dagster_services(Path(tmp) / "home", pg_url, env=env) as services,
@@ -122,23 +127,27 @@ def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, fl
                 time.sleep(rng.uniform(0, 5))
                 launched_at = time.time()
                 run_id = services.launch_run("download_shards", {"dagster/partition": f"{i:05d}"})
-                run = wait_for("the run to finish",
-                               lambda rid=run_id: (r := instance.get_run_by_id(rid)).is_finished and r)
+                run = wait_for(
+                    "the run to finish", lambda rid=run_id: (r := instance.get_run_by_id(rid)).is_finished and r
+                )
                 if run.status != DagsterRunStatus.SUCCESS:
                     raise RuntimeError(f"run {run_id} ended {run.status}:\n{services.log('daemon')[-3000:]}")
-                events = [(e.timestamp, e.dagster_event.event_type) for e in instance.all_logs(run_id)
-                          if e.dagster_event]
+                events = [
+                    (e.timestamp, e.dagster_event.event_type) for e in instance.all_logs(run_id) if e.dagster_event
+                ]
                 if show_events:
                     print(f"run {i}: " + ", ".join(f"{t.value}@{ts - launched_at:.2f}" for ts, t in events))
                 first: dict = {}
                 for ts, kind in events:
                     first.setdefault(kind, ts)
                 last_step = max(ts for ts, k in events if k == E.STEP_SUCCESS)
-                p = {"queue": first[E.RUN_STARTING] - launched_at,
-                     "worker": first[E.RUN_START] - first[E.RUN_STARTING],
-                     "to_step": first[E.STEP_START] - first[E.RUN_START],
-                     "steps": last_step - first[E.STEP_START],
-                     "end": first[E.RUN_SUCCESS] - last_step}
+                p = {
+                    "queue": first[E.RUN_STARTING] - launched_at,
+                    "worker": first[E.RUN_START] - first[E.RUN_STARTING],
+                    "to_step": first[E.STEP_START] - first[E.RUN_START],
+                    "steps": last_step - first[E.STEP_START],
+                    "end": first[E.RUN_SUCCESS] - last_step,
+                }
                 label = "warm-up" if i < warmup else "run"
                 print(f"  {label} {i}: " + "  ".join(f"{k} {v:5.2f}" for k, v in p.items()))
                 if i >= warmup:
@@ -162,8 +171,12 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=3, help="fresh-process model loads (first: cold file cache)")
     parser.add_argument("--model", default="vqgan_gumbel_f8")
     parser.add_argument("--encode-rate", type=float, default=3000.0, help="images/s per GPU")
-    parser.add_argument("--download-rate-per-shard", type=float, default=80.0,
-                        help="images/s of one shard (16 shards ≈ 1,300 images/s on a 16-core machine)")
+    parser.add_argument(
+        "--download-rate-per-shard",
+        type=float,
+        default=80.0,
+        help="images/s of one shard (16 shards ≈ 1,300 images/s on a 16-core machine)",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
     parser.add_argument("--compile-s", type=float, default=5.0, help="torch.compile, warm inductor cache")
     parser.add_argument("--compile-cold-s", type=float, default=60.0, help="torch.compile, cold (shown only)")
@@ -192,29 +205,43 @@ def main() -> None:
         for i, row in enumerate(rows):
             tag = "cold file cache" if name == "encoder" and i == 0 else "warm"
             print(f"  {name} {i} ({tag}): " + "  ".join(f"{k} {v:5.2f}" for k, v in row.items()))
-    med = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in
-           (("encoder", enc), ("download", dl))}
+    med = {
+        name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for name, rows in (("encoder", enc), ("download", dl))
+    }
 
-    print(f"2. run start through the daemon on PostgreSQL: {args.warmup} warm-up + {args.runs} download_shards "
-          "runs of a 2-image shard (seconds; queue: launch→RUN_STARTING, 0–5 s of it the run coordinator's dequeue "
-          "interval; worker: →RUN_START; to_step: →first STEP_START; steps: →last STEP_SUCCESS; end: →RUN_SUCCESS)")
+    print(
+        f"2. run start through the daemon on PostgreSQL: {args.warmup} warm-up + {args.runs} download_shards "
+        "runs of a 2-image shard (seconds; queue: launch→RUN_STARTING, 0–5 s of it the run coordinator's dequeue "
+        "interval; worker: →RUN_START; to_step: →first STEP_START; steps: →last STEP_SUCCESS; end: →RUN_SUCCESS)"
+    )
     phases = measure_runs(args.runs, args.warmup, args.events)
     run = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     print("  median: " + "  ".join(f"{k} {v:5.2f}" for k, v in run.items()))
     start = run["queue"] + run["worker"] + run["to_step"] + run["end"]
 
     f_dl = start + med["download"]["imports_s"]
-    f_enc = (start + med["encoder"]["imports_s"] + med["encoder"]["load_s"] + med["encoder"]["decoder_s"]
-             + args.gpu_init_s + args.compile_s)
+    f_enc = (
+        start
+        + med["encoder"]["imports_s"]
+        + med["encoder"]["load_s"]
+        + med["encoder"]["decoder_s"]
+        + args.gpu_init_s
+        + args.compile_s
+    )
     t_enc, t_dl = args.samples_per_shard / args.encode_rate, args.samples_per_shard / args.download_rate_per_shard
     s = args.max_share
     print(f"3. cost model: fixed share F / (F + N·T) ≤ {s:.0%}  ⇔  N ≥ {(1 - s) / s:g}·F/T")
-    print(f"  assumed (no GPU here): GPU init {args.gpu_init_s:g} s, torch.compile {args.compile_s:g} s (warm "
-          f"inductor cache; {args.compile_cold_s:g} s cold); the encoder does not call torch.compile today")
+    print(
+        f"  assumed (no GPU here): GPU init {args.gpu_init_s:g} s, torch.compile {args.compile_s:g} s (warm "
+        f"inductor cache; {args.compile_cold_s:g} s cold); the encoder does not call torch.compile today"
+    )
     e = med["encoder"]
-    print(f"  run start (queue+worker+to_step+end) {start:.2f} s; lazy imports: download "
-          f"{med['download']['imports_s']:.2f} s, encoder {e['imports_s']:.2f} s; model load {e['load_s']:.2f} s, "
-          f"decoder {e['decoder_s']:.2f} s (medians of {args.loads}, first load cold)")
+    print(
+        f"  run start (queue+worker+to_step+end) {start:.2f} s; lazy imports: download "
+        f"{med['download']['imports_s']:.2f} s, encoder {e['imports_s']:.2f} s; model load {e['load_s']:.2f} s, "
+        f"decoder {e['decoder_s']:.2f} s (medians of {args.loads}, first load cold)"
+    )
     rows = []
     for name, fixed, shard_s, setting in (
         ("encoder", f_enc, t_enc, settings.ENCODE_SHARDS_PER_RUN),
@@ -224,16 +251,23 @@ def main() -> None:
         n_min = needed(fixed, shard_s, s)
         rec = 2 ** math.ceil(math.log2(max(1.0, n_min))) if name == "encoder" else max(1, math.ceil(n_min))
         rows.append((setting.env, rec))
-        print(f"  {name:8s} F {fixed:6.2f} s  T {shard_s:7.2f} s/shard  N ≥ {n_min:7.1f}  recommended {rec}"
-              f" ({rec * shard_s / 60:.1f} min of work a run)")
+        print(
+            f"  {name:8s} F {fixed:6.2f} s  T {shard_s:7.2f} s/shard  N ≥ {n_min:7.1f}  recommended {rec}"
+            f" ({rec * shard_s / 60:.1f} min of work a run)"
+        )
         for n in sorted({current, rec}):
-            print(f"    N = {n:4d}: fixed share {fixed_share(fixed, shard_s, n):6.2%}, ≤ {s:.0%} while F ≤ "
-                  f"{n * shard_s * s / (1 - s):5.1f} s{' (current default)' if n == current else ''}")
+            print(
+                f"    N = {n:4d}: fixed share {fixed_share(fixed, shard_s, n):6.2%}, ≤ {s:.0%} while F ≤ "
+                f"{n * shard_s * s / (1 - s):5.1f} s{' (current default)' if n == current else ''}"
+            )
         if name == "encoder":
             cold = fixed - args.compile_s + args.compile_cold_s
             print(f"    N = {rec:4d} with a cold compile ({cold:.1f} s): {fixed_share(cold, shard_s, rec):6.2%}")
-    print("recommended: " + ", ".join(f"{env}={r}" for env, r in rows)
-          + f"  (load average {os.getloadavg()[0]:.1f} at the end: other work on this machine inflates F)")
+    print(
+        "recommended: "
+        + ", ".join(f"{env}={r}" for env, r in rows)
+        + f"  (load average {os.getloadavg()[0]:.1f} at the end: other work on this machine inflates F)"
+    )
 
 
 if __name__ == "__main__":

@@ -227,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Mark FAILURE the runs whose worker process is gone from this machine and free their pool "
         "slots (and slots still held by finished runs). Uses DAGSTER_HOME like the dagster CLI.",
     )
-    parser.add_argument("--run-id", action="append", default=[], help="only this run (repeatable); fails it "
-                        "even if a run launcher started it, unless its worker is alive on this machine")
+    parser.add_argument(
+        "--run-id",
+        action="append",
+        default=[],
+        help="only this run (repeatable); fails it "
+        "even if a run launcher started it, unless its worker is alive on this machine",
+    )
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
     args = parser.parse_args(argv)
     with dg.DagsterInstance.get() as instance:

@@ -73,7 +73,5 @@ def test_each_defect_is_caught_on_its_own_shard(layout: StorageLayout) -> None:
     corrupted = _audit(layout)
     assert sorted(corrupted) == ["00001", "00002", "00003"]
     assert corrupted["00001"][0].startswith("tar unreadable:")
-    assert corrupted["00002"] == [
-        f"1 image(s) whose bytes differ from the sha256 recorded at download, first {key}"
-    ]
+    assert corrupted["00002"] == [f"1 image(s) whose bytes differ from the sha256 recorded at download, first {key}"]
     assert f"1 tar sample(s) without a success row, first {status.column('key')[flipped]}" in corrupted["00003"]

@@ -47,7 +47,6 @@ query PartitionStatus($assetKey: AssetKeyInput!) {
 """
 
 
-
 def _wait_for_backfill(services, daemon, backfill_id: str, timeout: float = 420) -> dict:
     deadline = time.monotonic() + timeout
     backfill: dict = {}

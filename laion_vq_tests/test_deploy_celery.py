@@ -44,7 +44,6 @@ ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 WORKSPACE = REPO / "deploy" / "celery" / "workspace.yaml"
 
 
-
 @pytest.fixture()
 def rabbitmq():
     pytest.importorskip("dagster_celery")
@@ -105,8 +104,9 @@ def _wait(condition, what: str, timeout: float, workers=(), services=None):
     raise AssertionError(f"{what}: not after {timeout:.0f} s\n{logs}\n--- daemon\n{daemon}")
 
 
-def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, image_server, tiny_checkpoint,
-                                                        pg_url, rabbitmq):
+def test_backfill_on_celery_workers_and_a_killed_worker(
+    tmp_path, monkeypatch, image_server, tiny_checkpoint, pg_url, rabbitmq
+):
     from laion_vq.fixtures import dagster_services as services_module
     from laion_vq.fixtures.celery_workers import start_worker, wait_for_workers
 
@@ -176,7 +176,10 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
                             f"downloading shard {KILL_SHARD:05d}" in (e.user_message or "")
                             for e in instance.all_logs(run_id)
                         ),
-                        "dl1 starts downloading the slow shard", 180, workers.values(), services,
+                        "dl1 starts downloading the slow shard",
+                        180,
+                        workers.values(),
+                        services,
                     )
                     workers["dl1"].kill()
                     # nothing of the shard was published, the step is back in the queue, the run waits for it
@@ -192,7 +195,8 @@ def test_backfill_on_celery_workers_and_a_killed_worker(tmp_path, monkeypatch, i
                     )
                     assert services.wait_for_run(run_id, timeout=240) == "SUCCESS"
                     attempts = [
-                        w.split("@")[0].removeprefix(prefix) for keys, w in _celery_steps(instance, run_id)
+                        w.split("@")[0].removeprefix(prefix)
+                        for keys, w in _celery_steps(instance, run_id)
                         if keys == "image_tars"
                     ]
                     assert attempts == ["dl1", "dl3"], attempts

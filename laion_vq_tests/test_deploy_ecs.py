@@ -37,8 +37,6 @@ GPU_PROVIDER = "laion-vq-gpu"
 SECRET_NAME = "laion-vq/dagster-pg-url"
 
 
-
-
 @pytest.fixture()
 def aws():
     pytest.importorskip("moto.server")
@@ -107,7 +105,6 @@ def _ecs_account(boto3, pg_url: str) -> tuple[dict[str, str], dict[str, dict]]:
     return values, _register_task_definitions(ecs, values)
 
 
-
 def _task_of(instance, ecs, run_id: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,8 +135,9 @@ def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aw
     overrides["run_coordinator"] = {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"}
     home = tmp_path / "dagster_home"
     with (
-        dagster_services(home, pg_url, env=env, overrides=overrides, daemon=False, instance_yaml=PRODUCTION_YAML)
-        as services,
+        dagster_services(
+            home, pg_url, env=env, overrides=overrides, daemon=False, instance_yaml=PRODUCTION_YAML
+        ) as services,
         services.instance() as instance,
     ):
         from laion_vq.launchers.ecs import LaionEcsRunLauncher

@@ -27,9 +27,6 @@ CPU_IMAGE = "REGISTRY/laion-vq:0.1.0"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-
-
-
 def _job_for(api, run_id: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,7 +63,11 @@ def test_k8s_job_specs_put_encoder_runs_on_gpu_nodes(tmp_path, pg_url):
         env = {"DAGSTER_CURRENT_IMAGE": CPU_IMAGE, "LAION_VQ_NUM_SHARDS": "4"}  # set by the chart on code servers
         with (
             dagster_services(
-                tmp_path / "dagster_home", pg_url, env=env, overrides=overrides, daemon=False,
+                tmp_path / "dagster_home",
+                pg_url,
+                env=env,
+                overrides=overrides,
+                daemon=False,
                 instance_yaml=PRODUCTION_YAML,
             ) as services,
             services.instance() as instance,

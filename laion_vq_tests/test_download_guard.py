@@ -42,7 +42,6 @@ ALLOW_WEB = AddressPolicy.from_cidrs("127.0.0.1/32")
 PHOTO = "/img/photo.jpg"
 
 
-
 IPV6 = ipv6_loopback_available()
 needs_ipv6 = pytest.mark.skipif(not IPV6, reason="no IPv6 loopback on this machine")
 

@@ -26,10 +26,7 @@ from laion_vq.fixtures.loopback import ipv6_loopback_available
 
 SHARD = 7
 SAMPLES = 100
-OPTIONS = DownloadOptions(
-    timeout=1.0, deadline=2.5, thread_count=16, max_redirects=3, allow_networks=("127.0.0.1/32",)
-)
-
+OPTIONS = DownloadOptions(timeout=1.0, deadline=2.5, thread_count=16, max_redirects=3, allow_networks=("127.0.0.1/32",))
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +74,12 @@ CASES: list[tuple[str, Url, str, str | None]] = [
     ("404", web("/status/404"), "failed_to_download", "404"),
     ("410", web("/status/410"), "failed_to_download", "410"),
     ("500", web("/status/500"), "failed_to_download", "500"),
-    ("connection refused", lambda s: f"http://127.0.0.1:{closed_port()}/x.jpg", "failed_to_download",
-     "connection refused"),
+    (
+        "connection refused",
+        lambda s: f"http://127.0.0.1:{closed_port()}/x.jpg",
+        "failed_to_download",
+        "connection refused",
+    ),
     ("reset mid-body", web("/reset.jpg"), "failed_to_download", "connection reset"),
     ("stall", web("/stall.jpg"), "failed_to_download", "timeout"),
     ("drip under the timeout", web("/drip.jpg"), "failed_to_download", "deadline"),
@@ -95,13 +96,19 @@ CASES: list[tuple[str, Url, str, str | None]] = [
     ("loopback hex", secret_as("0x7f000002"), "failed_to_download", "blocked address"),
     ("loopback short", secret_as("127.2"), "failed_to_download", "blocked address"),
     ("loopback ipv4-mapped ipv6", secret_as("[::ffff:127.0.0.2]"), "failed_to_download", "blocked address"),
-    ("redirect to a blocked address",
-     lambda s: s["web"].url("/redirect-to?url=" + quote(s["secret"].url("/img/photo.jpg"), safe="")),
-     "failed_to_download", "blocked address"),
-    ("metadata service", lambda s: "http://169.254.169.254/latest/meta-data/", "failed_to_download",
-     "blocked address"),
-    ("ipv6 loopback", lambda s: f"http://[::1]:{s['secret6'].port if 'secret6' in s else 9}/img/photo.jpg",
-     "failed_to_download", "blocked address"),
+    (
+        "redirect to a blocked address",
+        lambda s: s["web"].url("/redirect-to?url=" + quote(s["secret"].url("/img/photo.jpg"), safe="")),
+        "failed_to_download",
+        "blocked address",
+    ),
+    ("metadata service", lambda s: "http://169.254.169.254/latest/meta-data/", "failed_to_download", "blocked address"),
+    (
+        "ipv6 loopback",
+        lambda s: f"http://[::1]:{s['secret6'].port if 'secret6' in s else 9}/img/photo.jpg",
+        "failed_to_download",
+        "blocked address",
+    ),
     # bodies that are not (whole) images
     ("html as jpg", web("/html.jpg"), "failed_to_resize", "not an image"),
     ("zero bytes", web("/empty.jpg"), "failed_to_resize", "empty response"),
@@ -111,7 +118,7 @@ CASES: list[tuple[str, Url, str, str | None]] = [
     ("duplicate url b", web("/img/photo.png"), "success", None),
 ]
 NAMES = [name for name, *_ in CASES]
-CAPTIONS = {"jpeg": "caf\ufffd au lait", "webp": "雪の朝 ❄️", "grayscale": "tab\tnewline\nquote\"nul\x00"}
+CAPTIONS = {"jpeg": "caf\ufffd au lait", "webp": "雪の朝 ❄️", "grayscale": 'tab\tnewline\nquote"nul\x00'}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +136,9 @@ def shard(
             "NSFW": ["UNLIKELY"] * len(CASES),
         }
     )
-    result = download_shard(rows, SHARD, str(tmp_path_factory.mktemp("hostile")), samples_per_shard=SAMPLES,
-                            options=OPTIONS)
+    result = download_shard(
+        rows, SHARD, str(tmp_path_factory.mktemp("hostile")), samples_per_shard=SAMPLES, options=OPTIONS
+    )
     by_key = {row["key"]: row for row in pq.read_table(result.parquet_path).to_pylist()}
     status = {name: by_key[expected_key(SHARD, i, SAMPLES)] for i, name in enumerate(NAMES)}
     with tarfile.open(result.tar_path) as tar:
@@ -238,7 +246,11 @@ def test_a_shard_of_huge_bodies_stays_within_its_memory_budget(
     urls = [servers["web"].url(f"/big.jpg?length={i % 2}&mb=6&n={i}") for i in range(12)]
     rows = pa.table({"URL": urls, "TEXT": [f"big {i}" for i in range(12)]})
     options = DownloadOptions(
-        timeout=5, deadline=30, thread_count=8, max_bytes=8_000_000, buffer_bytes=16_000_000,
+        timeout=5,
+        deadline=30,
+        thread_count=8,
+        max_bytes=8_000_000,
+        buffer_bytes=16_000_000,
         allow_networks=("127.0.0.1/32",),
     )
     result = download_shard(rows, 1, str(tmp_path_factory.mktemp("budget")), samples_per_shard=100, options=options)

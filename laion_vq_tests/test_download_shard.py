@@ -61,9 +61,7 @@ def server() -> Iterator[ImageServer]:
 
 
 @pytest.fixture(scope="module")
-def mixed(
-    server: ImageServer, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[pa.Table, ShardDownloadResult]:
+def mixed(server: ImageServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, ShardDownloadResult]:
     rows = laion_table(server, PATHS)
     out = tmp_path_factory.mktemp("mixed")
     return rows, download_shard(rows, SHARD, str(out), samples_per_shard=10_000, options=FAST)
@@ -211,9 +209,7 @@ def test_status_parquet_is_sorted_and_hashes_the_stored_jpegs(
     assert sum(mixed[1].failures_by_reason.values()) == mixed[1].count - mixed[1].successes
 
 
-def test_every_success_has_jpg_txt_json(
-    status: dict[str, dict], tar_members: dict[str, dict[str, bytes]]
-) -> None:
+def test_every_success_has_jpg_txt_json(status: dict[str, dict], tar_members: dict[str, dict[str, bytes]]) -> None:
     successes = {k for k, row in status.items() if row["status"] == "success"}
     assert successes == {key_of(p) for p in PHOTOS}
     assert set(tar_members) == successes
@@ -263,9 +259,7 @@ def test_non_square_sources_get_white_border(
     assert arr[128, 128].min() < 250 or arr[100:156, 100:156].std() > 5  # the photo itself is not blank
 
 
-def test_rgba_png_becomes_rgb_jpeg_on_white(
-    tar_members: dict[str, dict[str, bytes]], server: ImageServer
-) -> None:
+def test_rgba_png_becomes_rgb_jpeg_on_white(tar_members: dict[str, dict[str, bytes]], server: ImageServer) -> None:
     logo = server.photos()["/img/logo.png"]
     source = np.asarray(Image.open(io.BytesIO(logo.data)))
     # The source corner is fully transparent and black underneath: only alpha matting makes it white.

@@ -36,9 +36,13 @@ SAMPLES = 4
 WAIT_S = 180  # generous: a 2-core machine starting daemons, code servers and run workers
 
 
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S, interval: float = 0.5,
-             diagnose: Callable[[], str] = lambda: "") -> object:
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    timeout: float = WAIT_S,
+    interval: float = 0.5,
+    diagnose: Callable[[], str] = lambda: "",
+) -> object:
     """Poll `check` until it returns something truthy; fail naming `what` (and the diagnosis) after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -54,8 +58,12 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S, in
 def shard_env(tmp_path):
     """One shard of two real photos and two dripping URLs; yields (env for the runs, the drip server)."""
     with HostileServer() as photos, HostileServer(drip_interval_s=1.0) as dripper:
-        urls = [photos.url("/img/photo.jpg"), photos.url("/img/gray.jpg"), dripper.url("/drip.jpg"),
-                dripper.url("/drip.jpg")]
+        urls = [
+            photos.url("/img/photo.jpg"),
+            photos.url("/img/gray.jpg"),
+            dripper.url("/drip.jpg"),
+            dripper.url("/drip.jpg"),
+        ]
         write_parts(str(tmp_path / "meta"), [urls])
         env = {
             "LAION_VQ_STORAGE": str(tmp_path / "data"),
@@ -71,16 +79,22 @@ def shard_env(tmp_path):
 
 
 def _claims(instance, run_id: str) -> list[str]:
-    return [s.step_key for s in instance.event_log_storage.get_concurrency_info("download").claimed_slots
-            if s.run_id == run_id]
+    return [
+        s.step_key
+        for s in instance.event_log_storage.get_concurrency_info("download").claimed_slots
+        if s.run_id == run_id
+    ]
 
 
 def _engine_messages(instance, run_id: str) -> list[str]:
     from dagster._core.events import DagsterEventType
 
-    return [r.dagster_event.message or "" for r in instance.all_logs(run_id)
-            if r.dagster_event and r.dagster_event.event_type in (DagsterEventType.ENGINE_EVENT,
-                                                                  DagsterEventType.PIPELINE_FAILURE)]
+    return [
+        r.dagster_event.message or ""
+        for r in instance.all_logs(run_id)
+        if r.dagster_event
+        and r.dagster_event.event_type in (DagsterEventType.ENGINE_EVENT, DagsterEventType.PIPELINE_FAILURE)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,6 +116,7 @@ def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_e
         dagster_services(tmp_path / "home", pg_url, env=env, overrides={"run_monitoring": monitoring}) as services,
         services.instance() as instance,
     ):
+
         def diagnose() -> str:
             return f"daemon log:\n{services.log('daemon')[-4000:]}"
 
@@ -109,8 +124,11 @@ def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_e
         run_id = services.launch_run("download_shards", {"dagster/partition": SHARD})
 
         # queued → launched by the daemon → downloading, holding the one `download` slot
-        wait_for("the download step to hold the slot and fetch the dripping URLs",
-                 lambda: _claims(instance, run_id) == ["image_tars"] and dripper.hits, diagnose=diagnose)
+        wait_for(
+            "the download step to hold the slot and fetch the dripping URLs",
+            lambda: _claims(instance, run_id) == ["image_tars"] and dripper.hits,
+            diagnose=diagnose,
+        )
         assert instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED
         pids = worker_pids(instance, run_id)
         assert len(pids) == 1, pids  # "Started process for run (pid: N)", the same pid executes the steps
@@ -119,18 +137,26 @@ def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_e
         dripper.stop()  # the retry's drips now fail at once (connection refused)
 
         # the code server that started the worker fails the run, naming the signal
-        wait_for("the killed run to be marked FAILURE",
-                 lambda: instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE, diagnose=diagnose)
+        wait_for(
+            "the killed run to be marked FAILURE",
+            lambda: instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE,
+            diagnose=diagnose,
+        )
         messages = _engine_messages(instance, run_id)
         assert any("was terminated by signal 9 (SIGKILL)" in m for m in messages), messages
         # run monitoring gives its slot back
-        wait_for("run monitoring to free the dead run's download slot", lambda: not _claims(instance, run_id),
-                 diagnose=diagnose)
+        wait_for(
+            "run monitoring to free the dead run's download slot",
+            lambda: not _claims(instance, run_id),
+            diagnose=diagnose,
+        )
 
         # run retries: a new run of only the unfinished step, which gets the slot and completes
-        retry_id = wait_for("the automatic retry",
-                            lambda: instance.get_run_by_id(run_id).tags.get("dagster/auto_retry_run_id"),
-                            diagnose=diagnose)
+        retry_id = wait_for(
+            "the automatic retry",
+            lambda: instance.get_run_by_id(run_id).tags.get("dagster/auto_retry_run_id"),
+            diagnose=diagnose,
+        )
         wait_for("the retry to finish", lambda: instance.get_run_by_id(retry_id).is_finished, diagnose=diagnose)
         retry = instance.get_run_by_id(retry_id)
         assert retry.status == DagsterRunStatus.SUCCESS, _engine_messages(instance, retry_id)
@@ -154,9 +180,22 @@ def _cli(env: dict[str, str], *args: str, timeout: float = WAIT_S) -> str:
 def _materialize(env: dict[str, str], select: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [str(BIN / "dagster"), "asset", "materialize", "-m", "laion_vq.definitions", "--select", select,
-             "--partition", SHARD],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "dagster"),
+                "asset",
+                "materialize",
+                "-m",
+                "laion_vq.definitions",
+                "--select",
+                select,
+                "--partition",
+                SHARD,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -179,10 +218,21 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
     dagster = str(BIN / "dagster")
     recover = [str(BIN / "python"), "-m", "laion_vq.recover_dead_runs"]
 
-    assert "Set concurrency limit for download to 1." in _cli(env, dagster, "instance", "concurrency", "set",
-                                                             "download", "1")
-    _cli(env, dagster, "asset", "materialize", "-m", "laion_vq.definitions", "--select", "raw_metadata_shards",
-         "--partition", SHARD)
+    assert "Set concurrency limit for download to 1." in _cli(
+        env, dagster, "instance", "concurrency", "set", "download", "1"
+    )
+    _cli(
+        env,
+        dagster,
+        "asset",
+        "materialize",
+        "-m",
+        "laion_vq.definitions",
+        "--select",
+        "raw_metadata_shards",
+        "--partition",
+        SHARD,
+    )
     processes: list[subprocess.Popen] = []
     instance = dg.DagsterInstance.from_config(str(home))
     try:
@@ -194,8 +244,11 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
             runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
             return next((r.run_id for r in runs if _claims(instance, r.run_id) and dripper.hits), None)
 
-        dead_id = wait_for("the shell run's download step to hold the slot", started_download,
-                           diagnose=lambda: (tmp_path / "first.log").read_text()[-4000:])
+        dead_id = wait_for(
+            "the shell run's download step to hold the slot",
+            started_download,
+            diagnose=lambda: (tmp_path / "first.log").read_text()[-4000:],
+        )
         os.kill(first.pid, signal.SIGKILL)  # the CLI executes the steps in its own process
         first.wait(30)
         dripper.stop()
@@ -206,16 +259,20 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
         second_log = tmp_path / "second.log"
         second = _materialize(env, "image_tars", second_log)
         processes.append(second)
-        wait_for("the re-run to wait for the download slot",
-                 lambda: "Step blocked by limit for pool download" in second_log.read_text(errors="replace"),
-                 diagnose=lambda: second_log.read_text(errors="replace")[-4000:])
+        wait_for(
+            "the re-run to wait for the download slot",
+            lambda: "Step blocked by limit for pool download" in second_log.read_text(errors="replace"),
+            diagnose=lambda: second_log.read_text(errors="replace")[-4000:],
+        )
         assert second.poll() is None
 
         # 3. the one-line recovery: the dead run is failed with its reason, its slot freed; the live re-run is
         #    left alone and now gets the slot
         out = _cli(env, *recover)
-        assert f"run {dead_id} (__ASSET_JOB, partitions {SHARD}): worker pid {first.pid} gone; marked FAILURE; " \
-               "freed 1 slot(s): download/image_tars" in out, out
+        assert (
+            f"run {dead_id} (__ASSET_JOB, partitions {SHARD}): worker pid {first.pid} gone; marked FAILURE; "
+            "freed 1 slot(s): download/image_tars" in out
+        ), out
         assert out.count("marked FAILURE") == 1, out
         dead = instance.get_run_by_id(dead_id)
         assert dead.status == DagsterRunStatus.FAILURE

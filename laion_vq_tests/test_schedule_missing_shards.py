@@ -84,9 +84,7 @@ def test_the_tick_on_an_ephemeral_instance(monkeypatch: pytest.MonkeyPatch, tmp_
         _assert_the_tick(instance, monkeypatch, str(tmp_path))
 
 
-def test_the_tick_on_postgres(
-    postgres_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> None:
+def test_the_tick_on_postgres(postgres_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _assert_the_tick(postgres_instance, monkeypatch, str(tmp_path))
 
 

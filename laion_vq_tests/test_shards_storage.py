@@ -76,9 +76,7 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 def test_iter_samples_groups_by_key(tmp_path):
     path = tmp_path / "00000.tar"
-    path.write_bytes(
-        _tar([("000000000.jpg", b"a"), ("000000000.json", b'{"x": 1}'), ("000000001.jpg", b"b")])
-    )
+    path.write_bytes(_tar([("000000000.jpg", b"a"), ("000000000.json", b'{"x": 1}'), ("000000001.jpg", b"b")]))
     samples = list(iter_samples(str(path)))
     assert [s.key for s in samples] == ["000000000", "000000001"]
     assert samples[0].image == b"a" and samples[0].meta == {"x": 1}

@@ -70,9 +70,17 @@ def test_a_download_while_the_image_server_is_down_keeps_the_stored_shard(tmp_pa
 
 def _result(successes: int, rows: int = 100) -> ImageShardResult:
     return ImageShardResult(
-        shard_id=0, tar_path="", status_path="", stats_path="", rows=rows, successes=successes,
-        failed_to_download=rows - successes, failed_to_resize=0, failures_by_reason={"timeout": rows - successes},
-        bytes_tar=0, seconds=0.0,
+        shard_id=0,
+        tar_path="",
+        status_path="",
+        stats_path="",
+        rows=rows,
+        successes=successes,
+        failed_to_download=rows - successes,
+        failed_to_resize=0,
+        failures_by_reason={"timeout": rows - successes},
+        bytes_tar=0,
+        seconds=0.0,
     )
 
 

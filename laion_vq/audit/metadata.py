@@ -33,9 +33,7 @@ def audit_metadata_shard(
         return verdict
     verdict.counts["rows"] = table.num_rows
     if expected_rows is not None and table.num_rows != expected_rows:
-        verdict.error(
-            "row count mismatch", f"{table.num_rows} rows, the LAION parts give this shard {expected_rows}"
-        )
+        verdict.error("row count mismatch", f"{table.num_rows} rows, the LAION parts give this shard {expected_rows}")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         verdict.error("missing columns", f"required column(s) {missing} missing; has {table.column_names}")
@@ -44,9 +42,11 @@ def audit_metadata_shard(
     nulls = pc.is_null(urls)
     empty = pc.equal(pc.utf8_length(pc.fill_null(urls, "")), 0)
     bad = pc.or_(nulls, empty)
-    bad_rows = pc.indices_nonzero(bad).to_pylist() if hasattr(pc, "indices_nonzero") else [
-        i for i, flag in enumerate(bad.to_pylist()) if flag
-    ]
+    bad_rows = (
+        pc.indices_nonzero(bad).to_pylist()
+        if hasattr(pc, "indices_nonzero")
+        else [i for i, flag in enumerate(bad.to_pylist()) if flag]
+    )
     verdict.counts["null_urls"] = len(bad_rows)
     if bad_rows:
         first = expected_key(shard, bad_rows[0], max(samples_per_shard, table.num_rows))

@@ -329,9 +329,7 @@ def is_disallowed(values: Iterable[str], user_agent_token: str | None, directive
     return False
 
 
-def _read_body(
-    response: http.client.HTTPResponse, max_bytes: int, budget: ByteBudget | None, deadline: float
-) -> bytes:
+def _read_body(response: http.client.HTTPResponse, max_bytes: int, budget: ByteBudget | None, deadline: float) -> bytes:
     length = response.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise FetchError(f"too large: Content-Length {int(length)} > {max_bytes} bytes")

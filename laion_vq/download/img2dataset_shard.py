@@ -78,6 +78,7 @@ RESERVED_COLUMNS = frozenset(
     }
 )
 
+
 def check_img2dataset_version(installed: str) -> None:
     """Refuse any img2dataset but the pinned one: we call its internals, which change without notice."""
     if installed != PINNED_IMG2DATASET_VERSION:
@@ -202,9 +203,7 @@ def download_shard(
             with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             digests: dict[str, str] = {}
-            downloader = _build_downloader(
-                output_dir, column_list, samples_per_shard, shard_digits, options, digests
-            )
+            downloader = _build_downloader(output_dir, column_list, samples_per_shard, shard_digits, options, digests)
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
         expected = {expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(table.num_rows)}
@@ -237,9 +236,7 @@ def _check_shard_id(shard_id: int, shard_digits: int) -> None:
     if shard_digits < 1:
         raise ValueError(f"shard_digits must be >= 1, got {shard_digits}")
     if not 0 <= shard_id < 10**shard_digits:
-        raise ValueError(
-            f"shard_id {shard_id} does not fit in {shard_digits} digits (0 … {10**shard_digits - 1})"
-        )
+        raise ValueError(f"shard_id {shard_id} does not fit in {shard_digits} digits (0 … {10**shard_digits - 1})")
 
 
 def _is_plain_type(t: pa.DataType) -> bool:
@@ -276,17 +273,13 @@ def _prepare_rows(
     present = rows.column_names
     for role, col in (("URL", url_col), ("caption", caption_col)):
         if col not in present:
-            raise ValueError(
-                f"{role} column {col!r} is missing from the shard's rows; columns present: {present}"
-            )
+            raise ValueError(f"{role} column {col!r} is missing from the shard's rows; columns present: {present}")
     if url_col == caption_col:
         raise ValueError(f"url_col and caption_col must differ, both are {url_col!r}")
     if len(set(present)) != len(present):
         raise ValueError(f"the shard's rows have duplicate column names: {present}")
     if rows.num_rows > samples_per_shard:
-        raise ValueError(
-            f"shard {shard_id} has {rows.num_rows} rows, more than samples_per_shard={samples_per_shard}"
-        )
+        raise ValueError(f"shard {shard_id} has {rows.num_rows} rows, more than samples_per_shard={samples_per_shard}")
     url_type = rows.schema.field(url_col).type
     if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
         raise ValueError(f"URL column {url_col!r} must be strings, got {url_type}")
@@ -460,9 +453,7 @@ def _check_border_padding_is_white() -> None:
 
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-    resizer = _img2dataset()["resizer"].Resizer(
-        image_size=32, resize_mode="border", resize_only_if_bigger=False
-    )
+    resizer = _img2dataset()["resizer"].Resizer(image_size=32, resize_mode="border", resize_only_if_bigger=False)
     img_bytes, *_, err = resizer(io.BytesIO(buf.getvalue()))
     if err is not None:
         raise RuntimeError(f"img2dataset's Resizer failed on a tiny test image: {err}")

@@ -19,7 +19,6 @@ _ENCODE_FORMATS = ("jpg", "png", "webp")
 _HASHES = (None, "md5", "sha256", "sha512")
 
 
-
 @dataclass(frozen=True)
 class DownloadOptions:
     """How images are fetched and re-encoded; defaults are LAION-400M's (256px, border, jpg q95).

@@ -60,9 +60,7 @@ def verify_shard_files(
     statuses = status.column("status").to_pylist()
     unknown = set(statuses) - set(STATUSES)
     if unknown:
-        raise RuntimeError(
-            f"shard {shard_id}: unexpected statuses {sorted(map(str, unknown))} in the parquet"
-        )
+        raise RuntimeError(f"shard {shard_id}: unexpected statuses {sorted(map(str, unknown))} in the parquet")
     parquet_successes = statuses.count("success")
     if parquet_successes != stats["successes"]:
         raise RuntimeError(
