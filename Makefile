@@ -31,6 +31,7 @@ demo: install
 
 lint: install-dev
 	$(BIN)/ruff check laion_vq laion_vq_tests benchmarks
+	$(BIN)/ruff format --check laion_vq laion_vq_tests benchmarks
 
 test: install-dev lint
 	$(BIN)/python -m pytest -q --durations=15
