@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from laion_vq.encode.engine import CallableEngine, ModelEngine
+from laion_vq.encode.engine import CPU_BATCH_SIZE, CallableEngine, ModelEngine, batch_size_for
 from laion_vq.vqgan.reference import sample_photos
 
 
@@ -35,6 +35,20 @@ def test_exact_mode_equals_the_reference_path_at_any_batch_size(tiny_encoder, ph
         np.testing.assert_array_equal(codes, reference)
     # batch 4 over 7 images: the second batch ran padded to 4 rows, the padding never reached the output
     assert engine.stats.images == 7
+
+
+def test_batch_size_from_free_memory():
+    """The arithmetic behind LAION_VQ_ENCODE_BATCH_SIZE=0 on CUDA (the probe itself needs a GPU)."""
+    gib, mib = 2**30, 2**20
+    assert batch_size_for(70 * gib, 120 * mib) == 256  # 70 GiB free x 0.7 / 120 MiB = 418 -> 256
+    assert batch_size_for(200 * gib, 120 * mib) == 512  # capped
+    assert batch_size_for(1 * gib, 2 * gib) == 1  # never 0
+    assert batch_size_for(10 * gib, 0) == 512
+
+
+def test_cpu_batch_size_when_unset(tiny_encoder):
+    _config, model = tiny_encoder
+    assert ModelEngine(model).batch_size == CPU_BATCH_SIZE
 
 
 def test_padding_keeps_the_shape_fixed(tiny_encoder, photos):

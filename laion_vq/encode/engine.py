@@ -309,7 +309,13 @@ def choose_batch_size(engine: ModelEngine, probe: int = 4) -> int:
     torch.cuda.synchronize(device)
     per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
     free, _total = torch.cuda.mem_get_info(device)
-    fit = int(free * GPU_MEMORY_SHARE // per_image)
-    size = 1 << max(0, min(fit, MAX_AUTO_BATCH).bit_length() - 1)
+    size = batch_size_for(free, per_image)
     engine._log(f"batch size {size}: {per_image / 2**20:.0f} MiB per image, {free / 2**30:.1f} GiB free")
     return size
+
+
+def batch_size_for(free_bytes: int, per_image_bytes: int) -> int:
+    """The largest power of two whose activations fit ``GPU_MEMORY_SHARE`` of the free memory (1 … MAX_AUTO_BATCH):
+    powers of two keep compiled shapes few and halve cleanly on out-of-memory."""
+    fit = int(free_bytes * GPU_MEMORY_SHARE // max(1, per_image_bytes))
+    return 1 << max(0, min(fit, MAX_AUTO_BATCH).bit_length() - 1)
