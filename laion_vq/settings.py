@@ -166,6 +166,18 @@ ALL_SETTINGS = (
     SCHEDULE_MAX_FAILURES,
 )
 
+#: Variables that no longer do anything, and what replaced them: set, they are an error rather than ignored.
+RETIRED = {
+    "LAION_VQ_ENCODE_DTYPE": f"{ENCODE_MODE.env} (exact = fp32, fast = bf16 + torch.compile)",
+}
+
+
+def refuse_retired() -> None:
+    """Raise naming the replacement when the operator still sets a retired variable."""
+    for env, replacement in RETIRED.items():
+        if os.environ.get(env):
+            raise ValueError(f"{env} was replaced by {replacement}; unset {env}")
+
 
 def compile_cache_dir() -> str:
     """Where `fast` mode keeps compiled kernels, so the next run (same machine, same model) skips compiling."""

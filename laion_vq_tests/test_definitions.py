@@ -74,6 +74,15 @@ def test_bad_integer_setting_names_the_variable():
     assert out.returncode != 0 and "LAION_VQ_NUM_SHARDS must be an integer" in out.stderr
 
 
+def test_a_retired_setting_is_an_error_naming_its_replacement():
+    env = {k: v for k, v in os.environ.items() if k not in LAION_ENV}
+    env["LAION_VQ_ENCODE_DTYPE"] = "bf16"
+    out = subprocess.run(
+        [sys.executable, "-c", "import laion_vq.definitions"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "LAION_VQ_ENCODE_DTYPE was replaced by LAION_VQ_ENCODE_MODE" in out.stderr
+
+
 CLIS = {
     "dagster": ["dagster", "asset", "materialize", "-m", "laion_vq.definitions", "--select", "*"],
     "dg": ["dg", "launch", "--assets", "*"],

@@ -246,6 +246,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """The resources the code location uses, from the environment (see README: Configuration)."""
+    settings.refuse_retired()
     return {
         "storage": StorageResource(root=_from_env(settings.STORAGE)),
         "metadata": LaionMetadataResource(
