@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tarfile
 
 import numpy as np
@@ -21,6 +22,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # The loopback image server is the tests' web; downloads reach no loopback address unless allowed.
 # Tests of the address guard pass their own `allow_networks`.
 os.environ.setdefault("LAION_VQ_DOWNLOAD_ALLOW_NETWORKS", "127.0.0.1/32")
+# A suite started as a background job (`make test &`, nohup, some CI runners) inherits SIGINT ignored. Dagster maps
+# SIGTERM to SIGINT's handler when it executes a plan in process (dagster._utils.interrupts), so SIGTERM became
+# ignored too, every later child inherited that, and Dagster's own compute-log `tail` then ignored the
+# SIGTERM that ends it (test_deploy_ecs hung 30 s, then failed). Give the suite Python's usual SIGINT handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY_MODEL = "vqgan_gumbel_f8_tiny"
 
