@@ -65,22 +65,24 @@ def test_settings_come_from_the_environment():
     assert info["code_parquets"]["bp"] == ["MULTI_RUN", 7]
 
 
-def test_bad_integer_setting_names_the_variable():
+def _import_definitions_fails_with(setting: str, value: str) -> str:
+    """Import the code location with one LAION_VQ_ setting set; it must fail: its stderr."""
     env = {k: v for k, v in os.environ.items() if k not in LAION_ENV}
-    env["LAION_VQ_NUM_SHARDS"] = "lots"
+    env[setting] = value
     out = subprocess.run(
         [sys.executable, "-c", "import laion_vq.definitions"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert out.returncode != 0 and "LAION_VQ_NUM_SHARDS must be an integer" in out.stderr
+    assert out.returncode != 0
+    return out.stderr
+
+
+def test_bad_integer_setting_names_the_variable():
+    assert "LAION_VQ_NUM_SHARDS must be an integer" in _import_definitions_fails_with("LAION_VQ_NUM_SHARDS", "lots")
 
 
 def test_a_retired_setting_is_an_error_naming_its_replacement():
-    env = {k: v for k, v in os.environ.items() if k not in LAION_ENV}
-    env["LAION_VQ_ENCODE_DTYPE"] = "bf16"
-    out = subprocess.run(
-        [sys.executable, "-c", "import laion_vq.definitions"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert out.returncode != 0 and "LAION_VQ_ENCODE_DTYPE was replaced by LAION_VQ_ENCODE_MODE" in out.stderr
+    stderr = _import_definitions_fails_with("LAION_VQ_ENCODE_DTYPE", "bf16")
+    assert "LAION_VQ_ENCODE_DTYPE was replaced by LAION_VQ_ENCODE_MODE" in stderr
 
 
 CLIS = {

@@ -109,25 +109,24 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     _random_weights: bool | None = PrivateAttr(default=None)
     _decoder: Any = PrivateAttr(default=None)
     _engine: Any = PrivateAttr(default=None)
+    _config: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
         """The architecture: a registry name, a taming/ldm `model.yaml` path, or `auto` (the YAML next to the
         checkpoint); a registry name that disagrees with the YAML beside the checkpoint is refused."""
-        from laion_vq.vqgan import ModelConfigError, resolve_model_config
+        if self._config is None:  # resolved once: finding the YAML beside an s3:// checkpoint is I/O
+            from laion_vq.vqgan import ModelConfigError, resolve_model_config
 
-        try:
-            return resolve_model_config(self.model, _absolute(self.checkpoint) if self.checkpoint else None)
-        except (ModelConfigError, KeyError) as err:
-            raise dg.Failure(description=f"{settings.MODEL.env}: {err}") from err
+            try:
+                self._config = resolve_model_config(self.model, _absolute(self.checkpoint) if self.checkpoint else None)
+            except (ModelConfigError, KeyError) as err:
+                raise dg.Failure(description=f"{settings.MODEL.env}: {err}") from err
+        return self._config
 
     @property
     def codes_folder(self) -> str:
         """`codes/<this>/`: the model's name unless the operator names a side-by-side version."""
-        if self.codes_name:
-            return self.codes_name
-        from laion_vq.vqgan import MODELS
-
-        return self.model if self.model in MODELS else self.vqgan_config().name
+        return self.codes_name or self.vqgan_config().name
 
     def checkpoint_sha256(self) -> str:
         """The checkpoint's identity for provenance (hashed once per process)."""

@@ -51,12 +51,8 @@ class PipelineStats:
 
     shards: int = 0
     images: int = 0
-    undecodable: int = 0
     seconds: float = 0.0
     input_wait_seconds: float = 0.0
-    read_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    publish_seconds: float = 0.0
     gpu_decoded: int = 0
     cpu_fallbacks: Counter = field(default_factory=Counter)
     engine: EngineStats | None = None
@@ -151,7 +147,6 @@ class EncodePipeline:
         """Stream each tar into chunks of one batch; a shard's failure ends that shard only."""
         try:
             for shard_id in shard_ids:
-                started = time.perf_counter()
                 try:
                     acc = self._open_shard(shard_id, keep.get(shard_id, 0))
                 except Exception as err:  # noqa: BLE001 - that shard's outcome, yielded in order
@@ -170,9 +165,7 @@ class EncodePipeline:
                         else:
                             items.append((sample.key, image))
                         if len(items) >= self.engine.batch_size:
-                            self.stats.read_seconds += time.perf_counter() - started
                             self._put(out, _Chunk(acc, items, missing), stop)
-                            started = time.perf_counter()
                             items, missing = [], []
                 except TruncatedTarError as err:
                     end.tar_error = str(err)
@@ -180,7 +173,6 @@ class EncodePipeline:
                     raise
                 except Exception as err:  # noqa: BLE001 - the shard's outcome
                     end.error = err
-                self.stats.read_seconds += time.perf_counter() - started
                 if end.error is None and (items or missing):
                     self._put(out, _Chunk(acc, items, missing), stop)
                 self._put(out, end, stop)
@@ -195,9 +187,7 @@ class EncodePipeline:
             while True:
                 msg = inbox.get()
                 if isinstance(msg, _Chunk) and msg.items:
-                    started = time.perf_counter()
                     msg.decoded = self.decoder.decode(msg.items)
-                    self.stats.decode_seconds += time.perf_counter() - started
                 self._put(out, msg, stop)
                 if msg is None or isinstance(msg, _Fatal):
                     return
@@ -248,13 +238,6 @@ class EncodePipeline:
             self.stats.images += len(batch.keys)
             inflight = None
 
-        def publish(acc: ShardAccumulator, tar_error: str | None, elapsed: float) -> CodeShardResult:
-            t0 = time.perf_counter()
-            try:
-                return publish_shard(acc, self.spec, tar_error, elapsed)
-            finally:
-                self.stats.publish_seconds += time.perf_counter() - t0
-
         try:
             while True:
                 t0 = time.perf_counter()
@@ -290,8 +273,9 @@ class EncodePipeline:
                         outcomes.append((msg.shard_id, msg.error or RuntimeError("shard not read")))
                     else:
                         elapsed = time.perf_counter() - shard_started.get(msg.shard_id, started)
-                        self.stats.undecodable += sum(msg.acc.undecodable.values())
-                        outcomes.append((msg.shard_id, writer.submit(publish, msg.acc, msg.tar_error, elapsed)))
+                        outcomes.append(
+                            (msg.shard_id, writer.submit(publish_shard, msg.acc, self.spec, msg.tar_error, elapsed))
+                        )
                 while outcomes and (not isinstance(outcomes[0][1], Future) or outcomes[0][1].done()):
                     tick()
                     yield _resolve(*outcomes.popleft())

@@ -172,8 +172,10 @@ def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, e
 
         def metadata(result: CodeShardResult) -> dict:
             # the run's pipeline so far: throughput, how long the encoder waited for input, OOM retries
-            run = {f"run_{k}": v for k, v in pipeline.stats.as_metadata().items() if k != "cpu_decode_fallbacks"}
-            run["run_cpu_decode_fallbacks"] = dg.MetadataValue.json(dict(pipeline.stats.cpu_fallbacks))
+            run = {
+                f"run_{k}": dg.MetadataValue.json(v) if isinstance(v, dict) else v
+                for k, v in pipeline.stats.as_metadata().items()
+            }
             return {**_metadata(result), **provenance_meta, **run, **_preview(context, encoder, result)}
 
         try:
