@@ -28,17 +28,19 @@ import sys
 from playwright.sync_api import sync_playwright
 base, out = sys.argv[1], sys.argv[2]
 checks = "/assets/image_tars?view=checks&checkDetail=image_tars_complete"
-pages = [
-    ("check_partitions.png", checks, "Partitions", None),
-    ("check_partition_00001.png", checks, "Partitions", "00001"),
-    ("check_overview.png", "/assets/code_parquets?view=checks&checkDetail=code_parquets_contract", None, None),
-    ("report.png", "/assets/corrupted_shards_report", None, None),
-    ("code_partition.png", "/assets/code_parquets?view=partitions&partition=00003", None, None),
+codes = "/assets/code_parquets?view=partitions&partition=00003"
+pages = [  # file, path, tab to click, partition to pick, metadata row to scroll to
+    ("check_partitions.png", checks, "Partitions", None, None),
+    ("check_partition_00001.png", checks, "Partitions", "00001", None),
+    ("check_overview.png", "/assets/code_parquets?view=checks&checkDetail=code_parquets_contract", None, None, None),
+    ("report.png", "/assets/corrupted_shards_report", None, None, None),
+    ("code_partition.png", codes, None, None, None),
+    ("code_partition_run.png", codes, None, None, "run_images_per_second"),
 ]
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
-    for name, path, tab, partition in pages:
+    for name, path, tab, partition, scroll_to in pages:
         page.goto(base + path, wait_until="networkidle", timeout=120000)
         page.wait_for_timeout(3000)
         skip = page.get_by_role("button", name="Skip")  # the first visit's "Join the community" dialog
@@ -59,7 +61,10 @@ with sync_playwright() as p:
             page.wait_for_timeout(1500)
             page.get_by_text(partition).first.click(timeout=10000)
             page.wait_for_timeout(3000)
-        page.screenshot(path=f"{out}/{name}", full_page=True)
+        if scroll_to:
+            page.get_by_text(scroll_to, exact=True).first.scroll_into_view_if_needed(timeout=10000)
+            page.wait_for_timeout(1000)
+        page.screenshot(path=f"{out}/{name}", full_page=not scroll_to)
         print("wrote", f"{out}/{name}")
     browser.close()
 """
