@@ -36,8 +36,10 @@ lint: install-dev
 test: install-dev lint
 	$(BIN)/python -m pytest -q --durations=15
 
+# the Dagster UI (dg dev) on DAGSTER_HOME (default: the demo's instance) with that instance's settings file
+UI_PORT ?= 3000
 ui: install
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.demo/dagster_home} $(BIN)/dg dev --host 127.0.0.1
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.demo/dagster_home} $(BIN)/python -m laion_vq.ui --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

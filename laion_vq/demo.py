@@ -39,32 +39,45 @@ def main(argv: list[str] | None = None) -> int:
 
     from laion_vq.fixtures.demo_inputs import make_demo_inputs
     from laion_vq.fixtures.image_server import ImageServer
+    from laion_vq.settings import ALL_SETTINGS, write_instance_settings
+    from laion_vq.ui import write_demo_state
 
     with ImageServer() as server:
+        # one shard more than the demo materializes: the first thing to try in the UI (README, after `make demo`)
         inputs = make_demo_inputs(
-            workdir, server, shards=args.shards, samples_per_shard=args.samples_per_shard, model=args.model
+            workdir, server, shards=args.shards + 1, samples_per_shard=args.samples_per_shard, model=args.model
         )
         checkpoint = args.checkpoint or inputs.checkpoint
-        os.environ.update(
-            {
-                "DAGSTER_HOME": dagster_home,
-                "LAION_VQ_STORAGE": os.path.join(workdir, "data"),
-                "LAION_VQ_METADATA": args.metadata or inputs.metadata_dir,
-                "LAION_VQ_SAMPLES_PER_SHARD": str(args.samples_per_shard),
-                "LAION_VQ_MODEL": args.model,
-                "LAION_VQ_CHECKPOINT": checkpoint,
-                "LAION_VQ_DOWNLOAD_TIMEOUT": os.environ.get("LAION_VQ_DOWNLOAD_TIMEOUT", "5"),
-                "LAION_VQ_ENCODE_BATCH_SIZE": os.environ.get("LAION_VQ_ENCODE_BATCH_SIZE", "8"),
-            }
-        )
+        storage = os.path.join(workdir, "data")
+        os.makedirs(storage, exist_ok=True)
+        # what this shell sets (e.g. LAION_VQ_ENCODE_MODE=fast) goes into the instance's file, under the demo's own
+        chosen = {s.env: os.environ.pop(s.env) for s in ALL_SETTINGS if os.environ.get(s.env)}
+        values = {
+            **chosen,
+            "LAION_VQ_STORAGE": storage,
+            "LAION_VQ_METADATA": os.path.abspath(args.metadata) if args.metadata else inputs.metadata_dir,
+            "LAION_VQ_SAMPLES_PER_SHARD": str(args.samples_per_shard),
+            "LAION_VQ_MODEL": args.model,
+            "LAION_VQ_CHECKPOINT": os.path.abspath(checkpoint),
+            "LAION_VQ_DOWNLOAD_TIMEOUT": chosen.get("LAION_VQ_DOWNLOAD_TIMEOUT", "5"),
+            "LAION_VQ_ENCODE_BATCH_SIZE": chosen.get("LAION_VQ_ENCODE_BATCH_SIZE", "8"),
+        }
         if not args.metadata:  # the demo's URLs point at its loopback server, which downloads may not reach
-            os.environ["LAION_VQ_DOWNLOAD_ALLOW_NETWORKS"] = f"{server.host}/32"
-        print(f"demo inputs: metadata {os.environ['LAION_VQ_METADATA']}")
+            values["LAION_VQ_DOWNLOAD_ALLOW_NETWORKS"] = f"{server.host}/32"
+            write_demo_state(dagster_home, server.port)
+        # the instance's settings file: the services started here, `make ui`, `dg dev` and shell runs with
+        # this DAGSTER_HOME all read it (the demo's own environment does not carry them)
+        settings_file = write_instance_settings(dagster_home, values)
+        os.environ["DAGSTER_HOME"] = dagster_home
+        print(f"demo inputs: metadata {values['LAION_VQ_METADATA']}")
         print(f"             checkpoint {checkpoint}" + ("" if args.checkpoint else "  (RANDOM weights)"))
         print(f"             images from {server.base_url} (loopback; real photos + broken URLs)")
+        print(f"settings:    {settings_file}")
         ok = run_pipeline(args.shards, dagster_home)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     print("open the UI:  make ui   (DAGSTER_HOME=" + dagster_home + ")")
+    print(f"then try: Materialize shard {args.shards:05d} from the asset graph; launch `audit_shards` from the "
+          "Launchpad; Materialize `corrupted_shards_report` (README: After `make demo`)")
     return 0 if ok else 1
 
 

@@ -3,6 +3,11 @@
 Dagster resources (`resources.py`) take their values from here, as `EnvVar`s when the variable is
 set, so the UI shows where a value came from. Partition count and run batching are read at import,
 because Dagster needs them when it loads the definitions.
+
+An instance can carry its settings in `$DAGSTER_HOME/laion_vq.env` (`KEY=value` lines; the demo writes
+one). Every process that loads the code location for that instance (webserver, daemon, run workers,
+`dg dev`, `dagster asset materialize`) reads it, so all of them see the same settings; a variable set
+in the process's own environment wins over the file.
 """
 
 from __future__ import annotations
@@ -177,6 +182,69 @@ def refuse_retired() -> None:
     for env, replacement in RETIRED.items():
         if os.environ.get(env):
             raise ValueError(f"{env} was replaced by {replacement}; unset {env}")
+
+
+#: The instance's settings file, beside its `dagster.yaml`.
+INSTANCE_SETTINGS_FILE = "laion_vq.env"
+
+
+class SettingsFileError(ValueError):
+    """The instance's settings file names a variable that is not a setting, or cannot be parsed."""
+
+
+def instance_settings_path(dagster_home: str | None = None) -> str | None:
+    """`$DAGSTER_HOME/laion_vq.env` (whether or not it exists); None without a DAGSTER_HOME."""
+    home = dagster_home or os.environ.get("DAGSTER_HOME")
+    return os.path.join(home, INSTANCE_SETTINGS_FILE) if home else None
+
+
+def read_settings_file(path: str) -> dict[str, str]:
+    """The file's `KEY=value` pairs; a key that is no setting (a typo would be silently ignored) is an error
+    naming the file and line."""
+    from dotenv import dotenv_values
+
+    known = {setting.env for setting in ALL_SETTINGS}
+    values = {key: value for key, value in dotenv_values(path).items() if value is not None}
+    with open(path, encoding="utf-8") as lines:
+        numbers = {line.split("=", 1)[0].strip().removeprefix("export "): n for n, line in enumerate(lines, 1)}
+    for key in values:
+        if key in RETIRED:
+            raise SettingsFileError(f"{path}:{numbers.get(key, '?')}: {key} was replaced by {RETIRED[key]}")
+        if key not in known:
+            raise SettingsFileError(f"{path}:{numbers.get(key, '?')}: {key} is not a laion_vq setting (README: Configuration)")
+    return values
+
+
+def load_instance_settings() -> dict[str, str]:
+    """Put the instance's settings file into this process's environment, under what is already set there;
+    returns the variables it supplied. Called before the definitions read any setting."""
+    path = instance_settings_path()
+    if path is None or not os.path.exists(path):
+        return {}
+    supplied = {key: value for key, value in read_settings_file(path).items() if os.environ.get(key) in (None, "")}
+    os.environ.update(supplied)
+    return supplied
+
+
+def write_instance_settings(dagster_home: str, values: dict[str, str]) -> str:
+    """Write `values` as the instance's settings file (atomically: temp name, then rename); returns its path."""
+    path = instance_settings_path(dagster_home)
+    assert path is not None
+    lines = ["# laion_vq settings of this Dagster instance: every process with DAGSTER_HOME here reads them;",
+             "# a variable set in the environment wins (README: Configuration)."]  # fmt: skip
+    lines += [f"{key}={_quoted(value)}" for key, value in values.items()]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    read_settings_file(path)  # what we write must read back
+    return path
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "\n" in value:
+        raise SettingsFileError(f"a setting's value cannot hold a quote or a newline: {value!r}")
+    return value if value and all(c.isalnum() or c in "/._-:,+@" for c in value) else f"'{value}'"
 
 
 def compile_cache_dir() -> str:

@@ -6,6 +6,12 @@ import warnings
 
 import dagster as dg
 
+from laion_vq import settings
+
+# Before any definition reads a setting: the instance's own settings file (`$DAGSTER_HOME/laion_vq.env`),
+# so the webserver, the daemon, run workers and shell runs on one instance all see the same settings.
+settings.load_instance_settings()
+
 # Three start-up warnings, explained here and silenced (only these messages):
 # - `backfill_policy` is a beta parameter; it is what batches a 10,000-partition backfill into runs of
 #   8 (download) and 256 (encoder) shards instead of one run per shard, and the tests pin its plan.

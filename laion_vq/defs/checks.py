@@ -49,10 +49,34 @@ def _stored_shards(directory: str, suffix: str) -> set[str]:
     return {name for name in names if name.isdigit() and len(name) == 5}
 
 
+#: Run tag that scopes an `audit_shards` run to some shards (`00001,00007`): set in the Launchpad's *Edit tags*,
+#: since a partitioned check cannot be executed on its own from the UI.
+AUDIT_SHARDS_TAG = "laion_vq/shards"
+
+
+def tagged_shards(tags: dict[str, str]) -> list[str] | None:
+    """The shards an `AUDIT_SHARDS_TAG` names (None without the tag); a key that is no partition is an error."""
+    value = tags.get(AUDIT_SHARDS_TAG)
+    if value is None:
+        return None
+    keys = sorted({k.strip() for k in value.replace(" ", ",").split(",") if k.strip()})
+    unknown = [k for k in keys if not shard_partitions.has_partition_key(k)]
+    if unknown or not keys:
+        raise dg.Failure(
+            description=f"run tag {AUDIT_SHARDS_TAG}={value!r}: {', '.join(unknown) or 'no shard'} is not a shard "
+            f"partition of this code location (00000 … {shard_partitions.get_last_partition_key()})"
+        )
+    return keys
+
+
 def _shards_to_audit(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, directory: str) -> list[str]:
-    """The run's shards; on its own, every materialized shard and every shard parquet in `directory`."""
+    """The run's shards; else the shards the run's `laion_vq/shards` tag names; else every materialized shard
+    and every shard parquet in `directory`."""
     if context.has_partition_key or context.has_partition_key_range:
         return sorted(context.partition_keys)
+    tagged = tagged_shards(context.run.tags)
+    if tagged is not None:
+        return tagged
     keys = set(context.instance.get_materialized_partitions(asset_key)) | _stored_shards(directory, ".parquet")
     return sorted(k for k in keys if shard_partitions.has_partition_key(k))
 
@@ -83,13 +107,22 @@ def _evaluation(check: dg.AssetCheckKey, verdict: ShardVerdict, target: dg.Event
 
 
 def _what_to_do(check: dg.AssetCheckKey, verdict: ShardVerdict) -> str:
+    """Actions the UI allows (a partitioned check has no Execute button of its own)."""
     asset = check.asset_key.to_user_string()
+    shard = verdict.shard
+    rematerialize = (
+        f"In the asset graph select `{asset}`, *Materialize*, partition `{shard}`: its files are replaced "
+        "atomically and its checks run with it."
+    )
+    audit_again = (
+        f"To audit only this shard again: *Launchpad* of job `audit_shards`, *Edit tags*, add "
+        f"`{AUDIT_SHARDS_TAG}` = `{shard}`, *Launch Run*."
+    )
     if not verdict.errors:
-        return f"Quality only: re-materialize `{asset}` for shard {verdict.shard} when the network is healthy."
+        return f"Quality only, when the network is healthy. {rematerialize} {audit_again}"
     return (
-        f"Re-materialize `{asset}` for shard {verdict.shard} (its files are replaced atomically), then execute "
-        f"this check for it again; if the source itself is broken, add `{verdict.shard},<reason>` to the "
-        "exclusion list (`excluded_shards.csv` under the storage root)."
+        f"{rematerialize} {audit_again} If the source itself is broken, add the line `{shard},<reason>` to "
+        "`excluded_shards.csv` under the storage root."
     )
 
 
@@ -100,7 +133,7 @@ def evaluate_shards(
     keys: Iterable[str],
     audit_one: Callable[[str], ShardVerdict],
     blocking: bool = False,
-) -> Iterator[dg.AssetCheckEvaluation]:
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     """Audit each shard (skipping excluded ones, with a log line) and yield its own evaluation."""
     excluded = read_exclusions(layout)
     keys = list(keys)
@@ -123,6 +156,9 @@ def evaluate_shards(
         f"{check.name}: {len(keys)} shard(s) audited, {len(failed)} failed"
         + (f": {', '.join(failed[:50])}" if failed else "")
     )
+    # The results above are the per-shard evaluations; this empty output only tells Dagster the check's step
+    # produced what it promised (else it logs "did not yield or return expected outputs").
+    yield dg.Output(None, output_name=context.op_execution_context.assets_def.get_output_name_for_asset_check_key(check))
 
 
 @dg.multi_asset_check(
@@ -140,8 +176,8 @@ def evaluate_shards(
 )
 def raw_metadata_shards_valid(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
-) -> Iterator[dg.AssetCheckEvaluation]:
-    layout = storage.layout
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    layout = storage.existing_layout()
     source = metadata.open()
 
     def expected_rows(shard: int) -> int | None:
@@ -177,8 +213,8 @@ def raw_metadata_shards_valid(
 )
 def image_tars_complete(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
-) -> Iterator[dg.AssetCheckEvaluation]:
-    layout = storage.layout
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    layout = storage.existing_layout()
     keys = _shards_to_audit(context, IMAGES_CHECK.asset_key, layout.images_dir())
     yield from evaluate_shards(
         context, IMAGES_CHECK, layout, keys, lambda key: audit_image_shard(layout, key), blocking=True
@@ -200,8 +236,8 @@ def image_tars_complete(
 )
 def code_parquets_contract(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
-) -> Iterator[dg.AssetCheckEvaluation]:
-    layout = storage.layout
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    layout = storage.existing_layout()
     config = encoder.vqgan_config()
     grid = config.code_grid(settings.IMAGE_SIZE)
     folder = encoder.codes_folder

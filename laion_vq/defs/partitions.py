@@ -1,10 +1,29 @@
-"""One static partition per shard, `00000` … `{LAION_VQ_NUM_SHARDS-1:05d}`."""
+"""One static partition per shard, `00000` … N-1: N is `LAION_VQ_NUM_SHARDS`, or the metadata's own shard count
+when a local metadata source holds fewer shards (so the UI never offers a shard that has no metadata)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from laion_vq import settings
+from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.numbering import shard_keys
+from laion_vq.shards.storage import is_local
 
-shard_partitions = dg.StaticPartitionsDefinition(shard_keys(settings.NUM_SHARDS.get_int()))
+
+def partition_count() -> int:
+    """`LAION_VQ_NUM_SHARDS`, capped at the shards a local metadata source makes (read from its parquet footers
+    only). A remote source is not read at import (every run worker imports this); an unreadable one is the
+    metadata step's error to report, not the code location's."""
+    limit = settings.NUM_SHARDS.get_int()
+    source = settings.METADATA.get_str() or ""
+    if not is_local(source):
+        return limit
+    try:
+        available = LaionMetadata(source, settings.SAMPLES_PER_SHARD.get_int()).num_shards
+    except (OSError, ValueError):
+        return limit
+    return min(limit, available) if available > 0 else limit
+
+
+shard_partitions = dg.StaticPartitionsDefinition(shard_keys(partition_count()))

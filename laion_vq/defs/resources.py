@@ -22,6 +22,13 @@ def _from_env(setting: Setting, as_int: bool = False) -> Any:
     return dg.EnvVar.int(setting.env) if as_int else dg.EnvVar(setting.env)
 
 
+def _where_settings_come_from() -> str:
+    path = settings.instance_settings_path()
+    if path and os.path.exists(path):
+        return f" (this instance's settings file: {path})"
+    return f" (no settings file for this instance: {path or 'DAGSTER_HOME is not set'}; `make demo` writes one)"
+
+
 def _absolute(url: str) -> str:
     return os.path.abspath(url) if is_local(url) and "://" not in url else url
 
@@ -35,6 +42,18 @@ class StorageResource(dg.ConfigurableResource):
     def layout(self) -> StorageLayout:
         return StorageLayout(_absolute(self.root))
 
+    def existing_layout(self) -> StorageLayout:
+        """The layout of a storage root that exists: a step reading a local root that is not there (a wrong
+        `LAION_VQ_STORAGE`) fails once, naming it, before it records anything about any shard."""
+        layout = self.layout
+        if is_local(layout.root) and not os.path.isdir(layout.root):
+            raise dg.Failure(
+                description=f"storage root {layout.root!r} does not exist: {settings.STORAGE.env} (the `storage` "
+                f"resource's `root`, now {self.root!r}) must name the folder the shards are stored in"
+                + _where_settings_come_from()
+            )
+        return layout
+
 
 class LaionMetadataResource(dg.ConfigurableResource):
     """The LAION metadata parts and how many samples make a shard."""
@@ -43,7 +62,17 @@ class LaionMetadataResource(dg.ConfigurableResource):
     samples_per_shard: int = settings.SAMPLES_PER_SHARD.default  # type: ignore[assignment]
 
     def open(self) -> LaionMetadata:
-        return LaionMetadata(_absolute(self.source), self.samples_per_shard)
+        """The source with its parts resolved: a source that is not there fails once, naming the setting,
+        before any shard is worked on or audited."""
+        laion = LaionMetadata(_absolute(self.source), self.samples_per_shard)
+        try:
+            laion.parts  # noqa: B018 - resolve the parts now
+        except FileNotFoundError as err:
+            raise dg.Failure(
+                description=f"{err}: {settings.METADATA.env} (the `metadata` resource's `source`) must name the "
+                "LAION metadata parquet, a folder of parts or a glob" + _where_settings_come_from()
+            ) from err
+        return laion
 
 
 class DownloaderResource(dg.ConfigurableResource):

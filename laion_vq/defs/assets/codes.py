@@ -120,7 +120,7 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     description=__doc__,
 )
 def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource) -> None:
-    layout = storage.layout
+    layout = storage.existing_layout()
     config = encoder.vqgan_config()
     index_rule = encoder.checked_index_rule()  # `sample` on a VQ model fails here, before loading anything
     encoder.checked_mode()

@@ -48,7 +48,7 @@ def image_tars(
     metadata: LaionMetadataResource,
     downloader: DownloaderResource,
 ) -> None:
-    layout = storage.layout
+    layout = storage.existing_layout()
     options = downloader.options()
 
     def work(shard: int) -> ImageShardResult:

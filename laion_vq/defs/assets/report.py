@@ -132,7 +132,7 @@ def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa:
 def corrupted_shards_report(
     context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
 ) -> dg.MaterializeResult:
-    layout = storage.layout
+    layout = storage.existing_layout()
     started = time.perf_counter()
     frames = _frames(context.instance)
     read_seconds = time.perf_counter() - started
