@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = run_pipeline(args.shards, dagster_home)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     print("open the UI:  make ui   (DAGSTER_HOME=" + dagster_home + ")")
-    print(f"then try: Materialize shard {args.shards:05d} from the asset graph; launch `audit_shards` from the "
-          "Launchpad; Materialize `corrupted_shards_report` (README: After `make demo`)")
+    print(
+        f"then try: Materialize shard {args.shards:05d} from the asset graph; launch `audit_shards` from the "
+        "Launchpad; Materialize `corrupted_shards_report` (README: After `make demo`)"
+    )
     return 0 if ok else 1
 
 

@@ -211,7 +211,8 @@ def read_settings_file(path: str) -> dict[str, str]:
         if key in RETIRED:
             raise SettingsFileError(f"{path}:{numbers.get(key, '?')}: {key} was replaced by {RETIRED[key]}")
         if key not in known:
-            raise SettingsFileError(f"{path}:{numbers.get(key, '?')}: {key} is not a laion_vq setting (README: Configuration)")
+            line = numbers.get(key, "?")
+            raise SettingsFileError(f"{path}:{line}: {key} is not a laion_vq setting (README: Configuration)")
     return values
 
 

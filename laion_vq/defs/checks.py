@@ -158,7 +158,8 @@ def evaluate_shards(
     )
     # The results above are the per-shard evaluations; this empty output only tells Dagster the check's step
     # produced what it promised (else it logs "did not yield or return expected outputs").
-    yield dg.Output(None, output_name=context.op_execution_context.assets_def.get_output_name_for_asset_check_key(check))
+    assets_def = context.op_execution_context.assets_def
+    yield dg.Output(None, output_name=assets_def.get_output_name_for_asset_check_key(check))
 
 
 @dg.multi_asset_check(
