@@ -106,8 +106,12 @@ def samples_vs_reconstructions_png(
     thumb: int = 96,
     max_items: int = 6,
     colors: int | None = 256,
+    labels: tuple[str, str] | None = None,
 ) -> bytes:
     """Two-row grid as PNG bytes: the first ``max_items`` originals on top, their reconstructions below.
+
+    ``labels`` (e.g. ``("originals", "reconstructions by vqgan_gumbel_f8, RANDOM weights")``) are written in a
+    strip of 14 px above each row, so the picture says what it shows without its caption.
 
     Both inputs are uint8 RGB (N, S, S, 3) of the same shape. Each image becomes a ``thumb`` x ``thumb``
     thumbnail (area-averaged when shrinking), separated and framed by white gaps of 4 px, so the
@@ -131,10 +135,19 @@ def samples_vs_reconstructions_png(
     if k == 0:
         raise ValueError("no images to show")
     gap = _GRID_GAP
-    canvas = Image.new("RGB", (k * thumb + (k + 1) * gap, 2 * thumb + 3 * gap), _GRID_BACKGROUND)
+    strip = _LABEL_HEIGHT if labels else 0
+    font = ImageFont.load_default()
+    width = k * thumb + (k + 1) * gap
+    if labels:  # wide enough for its labels, also with one or two samples
+        width = max(width, 2 * gap + int(max(font.getlength(label) for label in labels)))
+    canvas = Image.new("RGB", (width, 2 * (thumb + strip) + 3 * gap), _GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
     for row, images in enumerate((originals, reconstructions)):
+        top = gap + row * (thumb + strip + gap)
+        if labels:
+            draw.text((gap, top), labels[row], fill=(30, 30, 30), font=font)
         for i in range(k):
-            canvas.paste(_thumbnail(images[i], thumb), (gap + i * (thumb + gap), gap + row * (thumb + gap)))
+            canvas.paste(_thumbnail(images[i], thumb), (gap + i * (thumb + gap), top + strip))
     if colors is not None:
         palette = canvas.quantize(colors=colors, method=Image.Quantize.FASTOCTREE)
         canvas = canvas.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG)

@@ -121,8 +121,9 @@ def test_prose_names_what_is_left_out_and_the_provenance(folder):
     text, _, _ = _card(folder, _report(), PROVENANCE)
     assert "| 00002 | duplicate of 00001 (metadata bug) |" in text
     assert "| 00003 | code_parquets_contract | code out of range |" in text
-    for fact in (PROVENANCE["checkpoint"], PROVENANCE["checkpoint_sha256"], "`bf16`", "`argmax`", MODEL):
+    for fact in ("| checkpoint file | `last.ckpt` |", PROVENANCE["checkpoint_sha256"], "`bf16`", "`argmax`", MODEL):
         assert fact in text
+    assert PROVENANCE["checkpoint"] not in text  # a published card names no local path or private bucket
     assert 'np.frombuffer(row["code"], np.int16).reshape(32, 32)' in text
     assert "Licence columns: `LICENSE`, `NSFW`" in text and "CC-BY 4.0" in text
     assert "Included: 2 of 10 shards (`00000`–`00001`)" in text

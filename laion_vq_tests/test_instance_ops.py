@@ -164,7 +164,7 @@ def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_e
         assert "image_tars" in retry.step_keys_to_execute
         assert "raw_metadata_shards" not in retry.step_keys_to_execute  # done before the kill: not redone
         assert instance.event_log_storage.get_concurrency_info("download").claimed_slots == []
-        assert (Path(env["LAION_VQ_STORAGE"]) / "images" / f"{SHARD}.tar").exists()
+        assert (tmp_path / "data" / "images" / f"{SHARD}.tar").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,7 +177,12 @@ def _cli(env: dict[str, str], *args: str, timeout: float = WAIT_S) -> str:
     return result.stdout
 
 
-def _materialize(env: dict[str, str], select: str, log: Path) -> subprocess.Popen:
+def _as_background_job() -> None:
+    """A shell's background job (`… &`, nohup) starts with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _materialize(env: dict[str, str], select: str, log: Path, background: bool = False) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
             [
@@ -196,6 +201,7 @@ def _materialize(env: dict[str, str], select: str, log: Path) -> subprocess.Pope
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_as_background_job if background else None,
         )
 
 
@@ -210,11 +216,16 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
     import dagster as dg
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
+    from laion_vq.settings import write_instance_settings
+
     env, dripper = shard_env
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, **env, "DAGSTER_HOME": str(home)}
+    # the shell runs read the instance's settings file, as the UI's processes do: none is in their environment
+    write_instance_settings(str(home), {k: v for k, v in env.items() if k.startswith("LAION_VQ_")})
+    env = {k: v for k, v in {**os.environ, **env}.items() if not k.startswith("LAION_VQ_")}
+    env["DAGSTER_HOME"] = str(home)
     dagster = str(BIN / "dagster")
     recover = [str(BIN / "python"), "-m", "laion_vq.recover_dead_runs"]
 
@@ -233,16 +244,31 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
         "--partition",
         SHARD,
     )
+    assert (tmp_path / "data" / "metadata" / f"{SHARD}.parquet").exists()  # on the storage its file names
     processes: list[subprocess.Popen] = []
     instance = dg.DagsterInstance.from_config(str(home))
     try:
-        # 1. the shell run, SIGKILLed during its download step
-        first = _materialize(env, "image_tars", tmp_path / "first.log")
-        processes.append(first)
 
         def started_download() -> str | None:
             runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
             return next((r.run_id for r in runs if _claims(instance, r.run_id) and dripper.hits), None)
+
+        # 0. a shell run started in the background (SIGINT ignored) stops on SIGTERM, failed, its slot freed
+        background_log = tmp_path / "background.log"
+        background = _materialize(env, "image_tars", background_log, background=True)
+        processes.append(background)
+        stopped_id = wait_for("the background run's download", started_download, diagnose=background_log.read_text)
+        os.kill(background.pid, signal.SIGTERM)
+        try:
+            background.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a background shell run ignored SIGTERM:\n{background_log.read_text()[-3000:]}")
+        assert instance.get_run_by_id(stopped_id).status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+        wait_for("its slot to be freed", lambda: not _claims(instance, stopped_id), timeout=30)
+
+        # 1. the shell run, SIGKILLed during its download step
+        first = _materialize(env, "image_tars", tmp_path / "first.log")
+        processes.append(first)
 
         dead_id = wait_for(
             "the shell run's download step to hold the slot",
@@ -265,6 +291,17 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
             diagnose=lambda: second_log.read_text(errors="replace")[-4000:],
         )
         assert second.poll() is None
+        # within a minute it says who holds the slot, that its process is gone, and the command that frees it
+        said = wait_for(
+            "the re-run to say who holds its slot",
+            lambda: (
+                "waits for a `download` pool slot" in second_log.read_text(errors="replace")
+                and second_log.read_text(errors="replace")
+            ),
+            timeout=60,
+        )
+        assert f"run {dead_id} (__ASSET_JOB, partition {SHARD}, STARTED; worker process" in said, said[-3000:]
+        assert "GONE on this machine" in said and "python -m laion_vq.recover_dead_runs" in said, said[-3000:]
 
         # 3. the one-line recovery: the dead run is failed with its reason, its slot freed; the live re-run is
         #    left alone and now gets the slot
@@ -283,7 +320,7 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
         assert second.wait(WAIT_S) == 0, second_log.read_text(errors="replace")[-4000:]
         assert "RUN_SUCCESS" in second_log.read_text(errors="replace")
         assert '"download": 0 / 1 slots occupied' in _cli(env, dagster, "instance", "concurrency", "get", "--all")
-        assert (Path(env["LAION_VQ_STORAGE"]) / "images" / f"{SHARD}.tar").exists()
+        assert (tmp_path / "data" / "images" / f"{SHARD}.tar").exists()
         assert "no dead runs" in _cli(env, *recover)
     finally:
         for process in processes:

@@ -2,6 +2,8 @@
 partitions. Thin over the core: each asset calls a `laion_vq.stages` function and turns its result into
 metadata. `laion_vq.definitions` assembles them into the code location."""
 
+import signal
+import threading
 import warnings
 
 import dagster as dg
@@ -11,6 +13,12 @@ from laion_vq import settings
 # Before any definition reads a setting: the instance's own settings file (`$DAGSTER_HOME/laion_vq.env`),
 # so the webserver, the daemon, run workers and shell runs on one instance all see the same settings.
 settings.load_instance_settings()
+
+# A shell run started in the background (`dagster asset materialize … &`, nohup) inherits SIGINT ignored, and
+# Dagster maps SIGTERM to SIGINT's handler while it executes a plan in process: SIGTERM was ignored too and
+# `kill` could not stop the run. Python's usual SIGINT handler makes both stop it (the run is marked failed).
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Three start-up warnings, explained here and silenced (only these messages):
 # - `backfill_policy` is a beta parameter; it is what batches a 10,000-partition backfill into runs of

@@ -34,9 +34,24 @@ def _absolute(url: str) -> str:
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Root of every shard file: a local folder or an `s3://bucket/prefix` URI (via fsspec)."""
+    """Root of every shard file: a local folder or an `s3://bucket/prefix` URI (via fsspec).
+
+    Every step uses it, so it also carries the run's pool watch (`pool_watch`): a step queued for a
+    `download`/`gpu` slot says who holds it and how to free a dead holder's slot."""
 
     root: str
+    _watch: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.dagster_run is not None and context.instance is not None:
+            from laion_vq.defs.pool_watch import PoolWatch
+
+            self._watch = PoolWatch(context.instance, context.dagster_run.run_id, context.log.warning).start()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
 
     @property
     def layout(self) -> StorageLayout:

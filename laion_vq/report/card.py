@@ -152,7 +152,8 @@ def dataset_card(
     warned = rows.filter("warned").height
     num_shards = int(report.summary.get("num_shards") or 0)
 
-    checkpoint = provenance.get("checkpoint") or "unknown"
+    # a card is published: the checkpoint by file name (with its sha256), never a local path or private bucket
+    checkpoint = (provenance.get("checkpoint") or "unknown").rstrip("/").rsplit("/", 1)[-1]
     sha256 = provenance.get("checkpoint_sha256") or "unknown"
     dtype = provenance.get("dtype") or "unknown"
     index_rule = provenance.get("index_rule") or "unknown"
@@ -198,7 +199,7 @@ def dataset_card(
         "## Model\n\n"
         "| | |\n| --- | --- |\n"
         f"| model | `{model}` |\n"
-        f"| checkpoint | `{checkpoint}` |\n"
+        f"| checkpoint file | `{checkpoint}` |\n"
         f"| checkpoint sha256 | `{sha256}` |\n"
         f"| precision (dtype) | `{dtype}` |\n"
         f"| index rule | `{_cell(index_rule)}` |\n"

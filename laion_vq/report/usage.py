@@ -1,4 +1,6 @@
-"""A shard's code-usage histogram as compact text, so it can ride in Dagster materialization metadata.
+"""A shard's code-usage histogram as compact text, stored in its code parquet's footer (`laion_vq` key-value
+metadata, `code_usage`), and the report's cache of those texts (`CodeUsageCache`): machine data, kept off the
+metadata users read in the UI.
 
 Format `u32z1:<base64>`: the counts as little-endian uint32 (a shard holds ~10M codes, far below 2**32),
 zlib level 9, base64. The prefix names the format, so a later encoding can be told apart instead of being
@@ -81,3 +83,52 @@ def sum_packed_code_usage(texts: pl.Series, n_embed: int) -> tuple[np.ndarray, l
         except ValueError:
             unreadable.append(position)
     return total, unreadable
+
+
+def read_footer_code_usage(url: str) -> str | None:
+    """The `code_usage` text a code parquet's footer holds (None for files written before it was stored there)."""
+    from laion_vq.shards.codes import read_codes_provenance
+
+    value = read_codes_provenance(url).get("code_usage")
+    return value if isinstance(value, str) else None
+
+
+def cached_code_usage(
+    cache_url: str, files: dict[str, tuple[str, float]], threads: int = 16
+) -> tuple[dict[str, str | None], int]:
+    """Each shard's usage text, for `files` = shard → (code parquet URL, its materialization timestamp).
+
+    The cache (a parquet: shard, stamp, code_usage) keeps what earlier reports read, so a report reads the
+    footers of new or re-encoded shards only; the updated cache is published atomically. Returns the texts and
+    how many footers were read. A footer that cannot be read is None (the report counts it as unreadable).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from laion_vq.shards.storage import exists, publish_bytes, read_bytes
+
+    cached: dict[str, tuple[float, str | None]] = {}
+    if exists(cache_url):
+        frame = pl.read_parquet(read_bytes(cache_url))
+        cached = {s: (t, u) for s, t, u in frame.select("shard", "stamp", "code_usage").iter_rows()}
+    stale = [shard for shard, (_, stamp) in files.items() if cached.get(shard, (None,))[0] != stamp]
+
+    def read(shard: str) -> str | None:
+        try:
+            return read_footer_code_usage(files[shard][0])
+        except (OSError, ValueError):
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(stale)))) as pool:
+        fresh = dict(zip(stale, pool.map(read, stale), strict=True))
+    texts = {shard: fresh[shard] if shard in fresh else cached[shard][1] for shard in files}
+    if stale or set(cached) - set(files):
+        import io
+
+        frame = pl.DataFrame(
+            {"shard": list(files), "stamp": [files[s][1] for s in files], "code_usage": list(texts.values())},
+            schema={"shard": pl.String, "stamp": pl.Float64, "code_usage": pl.String},
+        )
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, compression="zstd")
+        publish_bytes(buffer.getvalue(), cache_url)
+    return texts, len(stale)

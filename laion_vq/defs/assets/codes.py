@@ -17,7 +17,6 @@ from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.encode.pipeline import EncodePipeline
 from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
-from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError
@@ -57,8 +56,6 @@ def _metadata(result: CodeShardResult) -> dict:
         top = np.argsort(result.code_usage)[::-1][:10]
         meta["top_codes"] = dg.MetadataValue.json({int(c): int(result.code_usage[c]) for c in top})
         meta["code_usage"] = dg.MetadataValue.md(png_markdown(code_usage_png(result.code_usage), "code usage"))
-        # the exact histogram, packed (~19 KB for 10,000 images): the report sums it over all shards
-        meta["code_usage_counts"] = pack_code_usage(result.code_usage)
     return meta
 
 
@@ -72,10 +69,13 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
     except Exception as err:  # noqa: BLE001 - previews must never fail an encode
         context.log.warning(f"no reconstructions in the preview: {type(err).__name__}: {err}")
         return {}
-    png = samples_vs_reconstructions_png(result.sample_images, recon)
-    caption = "originals (top), reconstructions"
-    if encoder.random_weights():
-        caption += " — RANDOM WEIGHTS: noise is expected"
+    model = encoder.vqgan_config().name
+    weights = ", RANDOM weights" if encoder.random_weights() else ""
+    labels = ("originals", f"reconstructions ({model}{weights})")
+    png = samples_vs_reconstructions_png(result.sample_images, recon, labels=labels)
+    caption = f"originals (top) and reconstructions (bottom), {model}{weights}" + (
+        ": noise is expected" if weights else ""
+    )
     return {"samples_vs_reconstructions": dg.MetadataValue.md(png_markdown(png, caption))}
 
 
@@ -91,9 +91,11 @@ def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
         "random_weights": provenance["random_weights"],
     }
     if provenance["random_weights"]:
+        # short lines: the metadata table cuts a long cell at its edge
         meta["warning"] = dg.MetadataValue.md(
-            "**Random weights.** This checkpoint was made by `save_random_checkpoint` (tests, the demo): its codes "
-            "and reconstructions are noise. Set `LAION_VQ_CHECKPOINT` to a trained taming-transformers checkpoint."
+            "**RANDOM WEIGHTS**: codes and reconstructions are noise.\n\n"
+            "This checkpoint was made by `save_random_checkpoint` (tests, the demo).\n\n"
+            "Set `LAION_VQ_CHECKPOINT` to a trained taming-transformers checkpoint."
         )
     return meta
 
@@ -116,7 +118,9 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
     automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     group_name="laion",
-    kinds={"pytorch", "parquet"},
+    # seen on the asset graph's node and the asset's page: this step wants a GPU machine (GPU_TAGS on its runs)
+    kinds={"pytorch", "parquet", "gpu"},
+    tags={"laion_vq/accelerator": "gpu"},
     description=__doc__,
 )
 def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource) -> None:

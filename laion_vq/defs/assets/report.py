@@ -2,8 +2,9 @@
 the UI (corrupted shards by check and reason and since when, totals, codebook usage over all shards), and
 the dataset card `codes/<model>/README.md` regenerated from what is on storage.
 
-Reads the instance (each check's per-partition results, each shard's latest materialization metadata),
-never the shards' files: a report over 10,000 shards takes seconds. Refreshed daily after the nightly
+Reads the instance (each check's per-partition results, each shard's latest materialization metadata), and
+of the shards' files only the code-usage histograms in the footers of code parquets new since the last report
+(cached in `reports/code_usage_<name>.parquet`). Refreshed daily after the nightly
 audit (`corrupted_shards_report` schedule) and on demand (Materialize in the UI).
 """
 
@@ -28,11 +29,12 @@ from laion_vq.report.shards import (
     summary_markdown,
     write_report,
 )
+from laion_vq.report.usage import cached_code_usage
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.schema import CODES_SCHEMA
-from laion_vq.shards.storage import filesystem, publish_bytes
+from laion_vq.shards.storage import StorageLayout, filesystem, publish_bytes
 
 
 def _value(metadata: dict, name: str, default=None):  # noqa: ANN001, ANN202 - metadata values of any kind
@@ -53,7 +55,7 @@ def _materialized(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, f
     return rows
 
 
-def _frames(instance: dg.DagsterInstance) -> dict[str, pl.DataFrame]:
+def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) -> dict[str, pl.DataFrame]:
     checks = [
         {
             "shard": r.shard,
@@ -88,12 +90,17 @@ def _frames(instance: dg.DagsterInstance) -> dict[str, pl.DataFrame]:
             "encoded": _value(m, "encoded", 0),
             "undecodable": _value(m, "undecodable", 0),
             "distinct_codes": _value(m, "distinct_codes", 0),
-            "code_usage": _value(m, "code_usage_counts"),
             "checkpoint_sha256": _value(m, "checkpoint_sha256"),
             "materialized_at": t,
         }
         for s, t, m in _materialized(instance, "code_parquets")
     ]
+    # the usage histograms live in the code parquets' footers (machine data, off the UI's metadata); a cache
+    # beside the report means only new or re-encoded shards' footers are read
+    files = {row["shard"]: (layout.code_shard(folder, int(row["shard"])), row["materialized_at"]) for row in codes}
+    usage, _ = cached_code_usage(layout.code_usage_cache(folder), files)
+    for row in codes:
+        row["code_usage"] = usage[row["shard"]]
     return {
         "checks": pl.DataFrame(checks, schema=CHECKS_SCHEMA),
         "metadata": pl.DataFrame(metadata, schema=METADATA_SCHEMA),
@@ -134,7 +141,7 @@ def corrupted_shards_report(
 ) -> dg.MaterializeResult:
     layout = storage.existing_layout()
     started = time.perf_counter()
-    frames = _frames(context.instance)
+    frames = _frames(context.instance, layout, encoder.codes_folder)
     read_seconds = time.perf_counter() - started
     context.log.info(f"read {sum(f.height for f in frames.values())} records from the instance in {read_seconds:.1f}s")
     built = time.perf_counter()
