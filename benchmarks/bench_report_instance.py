@@ -1,12 +1,13 @@
 """The corrupted-shards report at 10,000 shards, end to end on the real instance (PostgreSQL).
 
 Fabricates N shards' records the way the pipeline leaves them — a materialization per shard for each of
-the three assets with the metadata the assets record (the code partitions' packed usage histograms
-included, ~19 KB each) and one evaluation per shard for each of the three partitioned checks, 0.1 %
-failing — then times what the `corrupted_shards_report` asset does: read the per-partition check state
-and the latest materializations (`laion_vq.defs.assets.report._frames`), build the polars report, write
-it. Reference, same instance, same run: the obvious per-partition reads (one query per shard and asset,
-one history query per shard and check) on a sample of shards, scaled to N.
+the three assets with the metadata the assets record, one evaluation per shard for each of the three
+partitioned checks, 0.1 % failing, and a code parquet per shard whose footer holds its packed usage
+histogram (~19 KB) — then times what the `corrupted_shards_report` asset does: read the per-partition
+check state and the latest materializations plus the usage in the code parquets' footers
+(`laion_vq.defs.assets.report._frames`; cold: every footer read; warm: the report's cache, none read),
+build the polars report, write it. Reference, same instance, same run: the obvious per-partition reads
+(one query per shard and asset, one history query per shard and check) on a sample of shards, scaled to N.
 
     .venv/bin/python benchmarks/bench_report_instance.py [--shards 10000] [--reference-sample 300]
 """
@@ -38,11 +39,13 @@ from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations 
 from laion_vq.fixtures.dagster_services import postgres_database  # noqa: E402
 from laion_vq.report.shards import build_report, write_report  # noqa: E402
 from laion_vq.report.usage import pack_code_usage  # noqa: E402
+from laion_vq.shards.codes import write_codes_parquet  # noqa: E402
+from laion_vq.shards.storage import StorageLayout  # noqa: E402
 
 ASSETS = ("raw_metadata_shards", "image_tars", "code_parquets")
 
 
-def _metadata(asset: str, shard: int, usage: str) -> dict:
+def _metadata(asset: str, shard: int) -> dict:
     if asset == "raw_metadata_shards":
         return {"dagster/row_count": 10_000, "bytes": 1_200_000}
     if asset == "image_tars":
@@ -51,9 +54,22 @@ def _metadata(asset: str, shard: int, usage: str) -> dict:
         "encoded": 8_000 + shard % 900,
         "undecodable": 3,
         "distinct_codes": 8_100,
-        "code_usage_counts": usage,
         "checkpoint_sha256": "ab" * 32,
     }
+
+
+FOLDER = "vqgan_gumbel_f8"
+
+
+def write_footers(layout: StorageLayout, shards: int) -> None:
+    """A one-row code parquet per shard whose footer holds a packed usage histogram, as the encoder leaves it."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    usages = [pack_code_usage(np.bincount(rng.zipf(1.3, 8_000 * 1024) % 8192, minlength=8192)) for _ in range(4)]
+    for shard in range(shards):
+        table = pa.table({"key": [f"{shard:05d}0000"]})
+        write_codes_parquet(table, layout.code_shard(FOLDER, shard), {"code_usage": usages[shard % 4]})
 
 
 def _entry(event: dg.AssetMaterialization) -> EventLogEntry:
@@ -76,15 +92,13 @@ def fabricate(instance: dg.DagsterInstance, shards: int) -> float:
     """Materializations in batch writes (as many runs' steps would leave them), then one check evaluation
     per shard and check targeting its materialization, through the public API from 8 threads."""
     started = time.perf_counter()
-    rng = np.random.default_rng(0)
-    usages = [pack_code_usage(np.bincount(rng.zipf(1.3, 8_000 * 1024) % 8192, minlength=8192)) for _ in range(4)]
     keys = [f"{shard:05d}" for shard in range(shards)]
     for asset in ASSETS:
         for start in range(0, shards, 500):
             batch = [
                 _entry(dg.AssetMaterialization(dg.AssetKey(asset), partition=k, metadata=meta))
                 for k in keys[start : start + 500]
-                for meta in [_metadata(asset, int(k), usages[int(k) % 4])]
+                for meta in [_metadata(asset, int(k))]
             ]
             instance.event_log_storage.store_event_batch(batch)
     print(f"  materializations stored ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -147,8 +161,15 @@ def main() -> None:
         try:
             print(f"fabricating {args.shards} shards × 3 assets × (materialization + check evaluation) …")
             print(f"fabricated in {fabricate(instance, args.shards):.0f} s")
+            layout = StorageLayout(str(Path(home, "data")))
             started = time.perf_counter()
-            frames = _frames(instance)
+            write_footers(layout, args.shards)
+            print(f"wrote {args.shards} code parquets with usage footers in {time.perf_counter() - started:.0f} s")
+            started = time.perf_counter()
+            frames = _frames(instance, layout, FOLDER)
+            cold = time.perf_counter() - started
+            started = time.perf_counter()
+            frames = _frames(instance, layout, FOLDER)
             read = time.perf_counter() - started
             started = time.perf_counter()
             report = build_report(**frames, exclusions={}, previous=None, num_shards=10_000, n_embed=8192)
@@ -159,9 +180,11 @@ def main() -> None:
             instance.dispose()
     records = sum(f.height for f in frames.values())
     total = read + built
+    print(f"instance reads + usage footers, cold cache (every footer read): {cold:.2f} s")
     print(
-        f"instance reads: {records} records in {read:.2f} s; polars report + write: {built:.2f} s; total {total:.2f} s"
-    )  # noqa: E501
+        f"instance reads: {records} records in {read:.2f} s (warm usage cache); polars report + write: {built:.2f} s; "
+        f"total {total:.2f} s"
+    )
     fabricated = len(range(7, args.shards, 1000))
     print(f"corrupted shards found: {report.summary['corrupted_shards']} (fabricated {fabricated})")
     print(f"reference (per-partition queries, scaled from {args.reference_sample} shards): {reference:.1f} s")

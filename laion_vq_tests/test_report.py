@@ -281,3 +281,33 @@ def test_unpack_refuses_bad_text(text, message):
 def test_pack_refuses_what_uint32_cannot_hold(counts):
     with pytest.raises(ValueError, match="code usage"):
         pack_code_usage(counts)
+
+
+def test_code_usage_comes_from_the_footers_and_each_footer_is_read_once(tmp_path):
+    """The histograms live in the code parquets' footers (not in the UI's metadata); the report's cache means
+    a later report reads only the footers of shards encoded since."""
+    import pyarrow as pa
+
+    from laion_vq.report.usage import cached_code_usage
+    from laion_vq.shards.codes import write_codes_parquet
+
+    files = {}
+    for shard in range(3):
+        path = str(tmp_path / f"{shard:05d}.parquet")
+        meta = {"model": "m"} if shard == 2 else {"model": "m", "code_usage": pack_code_usage(_usage(shard))}
+        write_codes_parquet(pa.table({"key": [f"{shard:05d}0000"]}), path, meta)  # shard 2: an older file
+        files[f"{shard:05d}"] = (path, 100.0 + shard)
+    cache = str(tmp_path / "reports" / "code_usage_m.parquet")
+
+    texts, read = cached_code_usage(cache, files)
+    assert read == 3 and texts["00002"] is None
+    assert [unpack_code_usage(texts[k], N_EMBED).tolist() for k in ("00000", "00001")] == [
+        _usage(0).tolist(),
+        _usage(1).tolist(),
+    ]
+    assert cached_code_usage(cache, files) == (texts, 0)  # nothing new: no footer read
+    # shard 1 re-encoded (new materialization, new footer): only its footer is read again
+    write_codes_parquet(pa.table({"key": ["000010000"]}), files["00001"][0], {"code_usage": pack_code_usage(_usage(5))})
+    files["00001"] = (files["00001"][0], 200.0)
+    texts, read = cached_code_usage(cache, files)
+    assert read == 1 and unpack_code_usage(texts["00001"], N_EMBED).tolist() == _usage(5).tolist()

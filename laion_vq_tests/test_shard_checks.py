@@ -205,7 +205,9 @@ def test_each_defect_is_caught_by_its_check_on_its_shard(audited) -> None:  # no
         assert evaluation.metadata["reason"].value == reason, (key, evaluation.description)
         if first_key is not None:
             assert f"first {first_key}" in evaluation.description, (key, evaluation.description)
-        assert "Re-materialize" in evaluation.metadata["what_to_do"].value
+        what_to_do = evaluation.metadata["what_to_do"].value  # actions the UI allows, for this shard
+        assert f"*Materialize*, partition `{key[1]}`" in what_to_do, what_to_do
+        assert f"`laion_vq/shards` = `{key[1]}`" in what_to_do, what_to_do
     # the 0 % shard: a quality WARN on its tar, not corruption
     warned = {k for k, e in evaluations.items() if not e.passed and e.severity == dg.AssetCheckSeverity.WARN}
     assert warned == {(IMAGES_CHECK.name, ZERO_SUCCESS)}

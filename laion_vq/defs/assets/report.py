@@ -13,6 +13,7 @@ import time
 import dagster as dg
 import polars as pl
 
+from laion_vq.defs.assets.codes import code_parquets
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations, latest_results
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
@@ -132,6 +133,9 @@ def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa:
 
 
 @dg.asset(
+    # after the shards' assets: in a run that also makes shards (`--select '*'`) it reports on them, and its
+    # storage root exists by then
+    deps=[code_parquets],
     group_name="reports",
     kinds={"polars", "parquet"},
     description=__doc__,
