@@ -3,7 +3,7 @@ holding the slots, whether their worker process is alive, and the command that f
 
 Dagster itself logs only `Step blocked by limit for pool download` at DEBUG and waits, forever when the
 holder is a shell run that was killed (nothing frees its slot where no daemon watches). The watch runs in a
-thread for the run's lifetime (started by the `storage` resource, which every step uses); it first looks
+thread for the run's lifetime (started by the pooled steps' resources, `downloader` and `encoder`); it first looks
 after `FIRST_LOOK_S` and then every `INTERVAL_S`, and logs a warning when what it sees changes.
 """
 

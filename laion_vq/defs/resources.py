@@ -22,6 +22,16 @@ def _from_env(setting: Setting, as_int: bool = False) -> Any:
     return dg.EnvVar.int(setting.env) if as_int else dg.EnvVar(setting.env)
 
 
+def _start_pool_watch(context: dg.InitResourceContext) -> Any:
+    """The run's pool watch (`pool_watch.py`), started by the resources of the pooled steps (`downloader` for
+    pool `download`, `encoder` for pool `gpu`): a step queued for a slot says who holds it."""
+    if context.dagster_run is None or context.instance is None:
+        return None
+    from laion_vq.defs.pool_watch import PoolWatch
+
+    return PoolWatch(context.instance, context.dagster_run.run_id, context.log.warning).start()
+
+
 def _where_settings_come_from() -> str:
     path = settings.instance_settings_path()
     if path and os.path.exists(path):
@@ -34,24 +44,9 @@ def _absolute(url: str) -> str:
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Root of every shard file: a local folder or an `s3://bucket/prefix` URI (via fsspec).
-
-    Every step uses it, so it also carries the run's pool watch (`pool_watch`): a step queued for a
-    `download`/`gpu` slot says who holds it and how to free a dead holder's slot."""
+    """Root of every shard file: a local folder or an `s3://bucket/prefix` URI (via fsspec)."""
 
     root: str
-    _watch: Any = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if context.dagster_run is not None and context.instance is not None:
-            from laion_vq.defs.pool_watch import PoolWatch
-
-            self._watch = PoolWatch(context.instance, context.dagster_run.run_id, context.log.warning).start()
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
 
     @property
     def layout(self) -> StorageLayout:
@@ -111,6 +106,14 @@ class DownloaderResource(dg.ConfigurableResource):
     image_size: int = settings.IMAGE_SIZE
     resize_mode: str = settings.RESIZE_MODE
     encode_quality: int = settings.ENCODE_QUALITY
+    _watch: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._watch = _start_pool_watch(context)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._watch is not None:
+            self._watch.stop()
 
     def options(self):
         from laion_vq.download import DownloadOptions
@@ -154,6 +157,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     _decoder: Any = PrivateAttr(default=None)
     _engine: Any = PrivateAttr(default=None)
     _config: Any = PrivateAttr(default=None)
+    _watch: Any = PrivateAttr(default=None)
 
     def vqgan_config(self):
         """The architecture: a registry name, a taming/ldm `model.yaml` path, or `auto` (the YAML next to the
@@ -278,9 +282,14 @@ class VQGANEncoderResource(dg.ConfigurableResource):
         device = self.resolved_device() if self.decode_device == "auto" else "cpu"
         return ImageDecoder(settings.IMAGE_SIZE, device, cpu_workers=self.decode_workers or None)
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._watch = _start_pool_watch(context)
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Free the GPU between runs of one process: drop the model, engine and decoder, give cached blocks
         back to the driver (the next run loads again: ~2 s, README *Run granularity*)."""
+        if self._watch is not None:
+            self._watch.stop()
         engine = self._engine
         self._engine = self._loaded = self._decoder = None
         if engine is not None:
