@@ -209,7 +209,7 @@ def test_empty_inputs_give_an_empty_report():
     assert report.table.height == 0 and "corrupted_since" in report.table.columns
     assert report.summary["corrupted_shards"] == 0 and report.summary["overall_success_rate"] == 0.0
     assert report.code_usage.shape == (8192,) and not report.code_usage.any()
-    assert summary_markdown(report).startswith("**0 corrupted** of 10000 shards")
+    assert summary_markdown(report).startswith("- **0 corrupted** of 10000 shards")
 
 
 def test_missing_input_column_is_named():
@@ -238,9 +238,10 @@ def test_write_read_round_trip_is_atomic(tmp_path):
 def test_summary_markdown():
     report = build_report(**_inputs())
     text = summary_markdown(report)
-    assert text.startswith("**3 corrupted** of 10 shards; 1 warned, 3 excluded. 465 of 700 images")
-    assert f"| 00001 | {TARS} | image hash mismatch | first bad key 000010003 \\| x | 1970-01-01T00:08:20Z |" in text
-    assert f"| 00005 | tar truncated at the source | {TARS} |" in text and "| 00008 | never made | — |" in text
+    assert text.startswith("- **3 corrupted** of 10 shards\n- 1 warned, 3 excluded\n- 465 of 700 images")
+    assert f"| 00001 | {TARS} | image hash mismatch | 1970-01-01T00:08:20Z |" in text
+    assert "- `00001`: first bad key 000010003 \\| x" in text  # the long detail in a list, where it wraps
+    assert f"- `00005`: tar truncated at the source (failing: {TARS})" in text and "- `00008`: never made\n" in text
     assert "… and 2 more" in summary_markdown(report, limit=1)
 
 

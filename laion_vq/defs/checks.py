@@ -91,6 +91,7 @@ def _evaluation(check: dg.AssetCheckKey, verdict: ShardVerdict, target: dg.Event
         severity=dg.AssetCheckSeverity.ERROR if verdict.errors or verdict.passed else dg.AssetCheckSeverity.WARN,
         description=None if first is None else first.detail,
         metadata={
+            "shard": verdict.shard,  # the run log's check events name no partition: this does
             **verdict.counts,
             "reason": first.reason if first else "",
             "problems": dg.MetadataValue.json([{"reason": p.reason, "detail": p.detail} for p in problems]),

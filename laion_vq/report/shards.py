@@ -294,28 +294,35 @@ def _cell(value: object, width: int = 160) -> str:
 
 
 def summary_markdown(report: ShardReport, limit: int = 50) -> str:
-    """Markdown for the Dagster UI: the counts, the corrupted shards (first `limit`) and the excluded ones."""
+    """Markdown for the Dagster UI: the counts, the corrupted shards (first `limit`) and the excluded ones. Short
+    lines and narrow tables: the UI's metadata column is ~500 px wide and cuts what does not fit; each shard's
+    detail (long: file paths) goes in a list below its table, where lines wrap."""
     s = report.summary
     lines = [
-        f"**{s['corrupted_shards']} corrupted** of {s['num_shards']} shards; {s['warned_shards']} warned, "
-        f"{s['excluded_shards']} excluded. {s['images_downloaded']:,} of {s['images_attempted']:,} images "
-        f"downloaded ({s['overall_success_rate']:.1%}), {s['codes']:,} encoded.",
+        f"- **{s['corrupted_shards']} corrupted** of {s['num_shards']} shards",
+        f"- {s['warned_shards']} warned, {s['excluded_shards']} excluded",
+        f"- {s['images_downloaded']:,} of {s['images_attempted']:,} images downloaded "
+        f"({s['overall_success_rate']:.1%}), {s['codes']:,} encoded",
         "",
     ]
     corrupted = report.table.filter("corrupted")
     if corrupted.height:
-        lines += ["| shard | checks | reason | detail | since (UTC) |", "| --- | --- | --- | --- | --- |"]
-        for row in corrupted.head(limit).iter_rows(named=True):
-            cells = (row["shard"], row["corrupted_by"], row["reason"], row["detail"], _iso_utc(row["corrupted_since"]))
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines += ["| shard | checks | reason | since (UTC) |", "| --- | --- | --- | --- |"]
+        shown = list(corrupted.head(limit).iter_rows(named=True))
+        for row in shown:
+            cells = (row["shard"], row["corrupted_by"], row["reason"], _iso_utc(row["corrupted_since"]))
+            lines.append("| " + " | ".join(_cell(c, 60) for c in cells) + " |")
+        lines += ["", "**What failed**", ""]
+        lines += [f"- `{row['shard']}`: {_cell(row['detail'], 300)}" for row in shown]
         if corrupted.height > limit:
             lines.append(f"\n… and {corrupted.height - limit} more in the report parquet.")
         lines.append("")
     excluded = report.table.filter("excluded")
     if excluded.height:
-        lines += ["**Excluded shards**", "", "| shard | reason | failing checks |", "| --- | --- | --- |"]
+        lines += ["**Excluded shards**", ""]
         for row in excluded.head(limit).iter_rows(named=True):
-            lines.append(f"| {_cell(row['shard'])} | {_cell(row['excluded_reason'])} | {_cell(row['corrupted_by'])} |")
+            failing = f" (failing: {_cell(row['corrupted_by'])})" if row["corrupted_by"] else ""
+            lines.append(f"- `{row['shard']}`: {_cell(row['excluded_reason'])}{failing}")
         if excluded.height > limit:
             lines.append(f"\n… and {excluded.height - limit} more in the report parquet.")
     return "\n".join(lines).rstrip() + "\n"
