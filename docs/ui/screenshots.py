@@ -3,10 +3,9 @@
 Runs the demo on 4 shards (tiny model), damages three of them on storage (shard 00001: tar truncated to
 half; 00002: a byte flipped inside a stored JPEG; 00003: a code out of range), starts the webserver and
 daemon again, runs the audit and the report through the code location, then photographs the pages with
-headless Chromium driven by Playwright (not a project dependency: a separate venv, e.g.
-`python3 -m venv /tmp/pw && /tmp/pw/bin/pip install playwright`, and `apt-get install chromium`):
+headless Chromium driven by Playwright (a dev extra; Debian's `apt-get install chromium`):
 
-    PLAYWRIGHT_PYTHON=/tmp/pw/bin/python .venv/bin/python docs/ui/screenshots.py [--out docs/ui]
+    .venv/bin/python docs/ui/screenshots.py [--out docs/ui]
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ pages = [  # file, path, tab to click, partition to pick, metadata row to scroll
     ("report.png", "/assets/corrupted_shards_report", None, None, None),
     ("code_partition.png", codes, None, None, None),
     ("code_partition_run.png", codes, None, None, "run_images_per_second"),
+    ("code_partition_preview.png", codes, None, None, "samples_vs_reconstructions"),
 ]
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--model", default="vqgan_gumbel_f8_tiny")
     parser.add_argument("--reuse", help="a workdir of an earlier run: only start the UI and photograph it")
     args = parser.parse_args()
-    python = os.environ.get("PLAYWRIGHT_PYTHON", "/tmp/pw/bin/python")
+    python = os.environ.get("PLAYWRIGHT_PYTHON", sys.executable)  # playwright is a dev extra
     from laion_vq import demo
     from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
 
