@@ -10,15 +10,16 @@ from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_t
 from laion_vq.defs.automation import shard_automation
 from laion_vq.defs.checks import SHARD_CHECKS
 from laion_vq.defs.jobs import check_job, download_job, encode_job, pipeline_job, report_job
+from laion_vq.defs.removals import apply_removals, removal_lists, removal_lists_sensor
 from laion_vq.defs.resources import default_resources
 from laion_vq.defs.schedules import daily_report, download_missing_shards, nightly_audit
 
 defs = dg.Definitions(
-    assets=[raw_metadata_shards, image_tars, code_parquets, corrupted_shards_report],
+    assets=[raw_metadata_shards, image_tars, code_parquets, corrupted_shards_report, removal_lists],
     asset_checks=SHARD_CHECKS,
-    jobs=[download_job, encode_job, pipeline_job, check_job, report_job],
+    jobs=[download_job, encode_job, pipeline_job, check_job, report_job, apply_removals],
     schedules=[nightly_audit(check_job), download_missing_shards(download_job), daily_report(report_job)],
-    sensors=[shard_automation],
+    sensors=[shard_automation, removal_lists_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

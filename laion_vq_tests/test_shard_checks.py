@@ -91,7 +91,7 @@ def _fabricate_defects(layout: StorageLayout) -> dict[tuple[str, str], tuple[str
     expected: dict[tuple[str, str], tuple[str, str | None]] = {}
     # 1: the tar truncated to half its size
     tar = Path(layout.image_tar(1))
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])  # off a 512-byte boundary: mid-member
     expected[(IMAGES_CHECK.name, "00001")] = ("tar unreadable", None)
     # 2: one byte flipped inside a stored JPEG (the tar itself stays well-formed)
     with tarfile.open(layout.image_tar(2)) as t:

@@ -1,7 +1,13 @@
 """image_tars: the status parquet has one row per metadata row, img2dataset's stats agree with it, and the
 tar reads to the end holding exactly the recorded images, each hashing to the sha256 recorded at
 download. A success rate under the floor is a WARN: dead links are normal on LAION (LAION-400M tars
-kept ~50–90 %), a shard at 5 % usually means a network problem worth a retry."""
+kept ~50–90 %), a shard at 5 % usually means a network problem worth a retry.
+
+Rows with status `removed` (taken out by a removal list: never requested, or dropped by image hash) have
+no tar sample; one found in the tar is an ERROR of its own. The reported `success_rate` stays successes /
+rows (what the tar holds of the metadata), but the floor judges the download, so it is applied to
+successes / (rows − removed): rows a removal list took out were never requested, so they say nothing
+about the network."""
 
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
 #: Below this a shard's download is flagged (WARN) as worth a retry.
 MIN_SUCCESS_RATE = 0.3
+#: The status of a row a removal list took out (`laion_vq.download.shard_files.STATUSES`; not imported, so
+#: the audit does not need the downloader's dependencies).
+REMOVED = "removed"
 
 
 def tar_problems(tar_url: str, status: pa.Table) -> list[Problem]:
@@ -27,13 +36,18 @@ def tar_problems(tar_url: str, status: pa.Table) -> list[Problem]:
     image's bytes must hash to the `jpg_sha256` recorded at download (where the column exists)."""
     rows = status.select([c for c in ("key", "status", "jpg_sha256") if c in status.column_names]).to_pylist()
     expected = {row["key"]: row.get("jpg_sha256") for row in rows if row["status"] == "success"}
+    removed = {row["key"] for row in rows if row["status"] == REMOVED}
     seen: set[str] = set()
     incomplete: list[str] = []
     mismatched: list[str] = []
     unexpected: list[str] = []
+    still_there: list[str] = []
     try:
         for sample in iter_samples(tar_url):
             seen.add(sample.key)
+            if sample.key in removed:
+                still_there.append(sample.key)
+                continue
             if sample.key not in expected:
                 unexpected.append(sample.key)
                 continue
@@ -46,6 +60,7 @@ def tar_problems(tar_url: str, status: pa.Table) -> list[Problem]:
     missing = sorted(set(expected) - seen)
     found = []
     for label, keys, reason in (
+        ("removed item(s) still in the tar", still_there, "removed item in tar"),
         ("success key(s) missing from the tar", missing, "tar missing images"),
         ("tar sample(s) without a success row", unexpected, "status disagrees with tar"),
         ("sample(s) lacking image, caption or json", incomplete, "incomplete samples"),
@@ -68,8 +83,12 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
         verdict.error("unreadable status parquet", f"unreadable status parquet: {type(err).__name__}: {err}")
         return verdict
     rows = status.num_rows
-    successes = status.column("status").to_pylist().count("success")
+    statuses = status.column("status").to_pylist()
+    successes = statuses.count("success")
+    removed = statuses.count(REMOVED)
     verdict.counts.update(rows=rows, successes=successes, success_rate=round(successes / rows, 4) if rows else 0.0)
+    if removed:
+        verdict.counts.update(removed=removed)
     if exists(layout.metadata_shard(shard)):
         expected = pq.ParquetFile(io.BytesIO(read_bytes(layout.metadata_shard(shard)))).metadata.num_rows
         if rows != expected:
@@ -83,16 +102,21 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
         verdict.errors.extend(tar_problems(tar, status))
     if exists(layout.image_stats(shard)):
         stats = json.loads(read_bytes(layout.image_stats(shard)))
-        if (stats.get("count"), stats.get("successes")) != (rows, successes):
+        # a stats json written before removal lists has no `removed` count: it had none
+        said = (stats.get("count"), stats.get("successes"), stats.get(REMOVED, 0))
+        if said != (rows, successes, removed):
             verdict.error(
                 "stats disagree",
-                f"stats json says {stats.get('count')} rows / {stats.get('successes')} successes, "
-                f"status parquet {rows} / {successes}",
+                f"stats json says {said[0]} rows / {said[1]} successes / {said[2]} removed, "
+                f"status parquet {rows} / {successes} / {removed}",
             )
     else:
         verdict.error("stats json missing", f"{layout.image_stats(shard)} does not exist")
-    if rows and successes / rows < min_success_rate:
+    requested = rows - removed  # removed rows are not failures: the floor judges the rows requested
+    if requested and successes / requested < min_success_rate:
         verdict.warn(
-            "low success rate", f"success rate {successes / rows:.1%} below {min_success_rate:.0%} ({successes}/{rows})"
+            "low success rate",
+            f"success rate {successes / requested:.1%} below {min_success_rate:.0%} ({successes}/{requested}"
+            + (f" requested, {removed} removed)" if removed else ")"),
         )
     return verdict

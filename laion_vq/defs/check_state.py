@@ -17,7 +17,16 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 METADATA_CHECK = dg.AssetCheckKey(dg.AssetKey("raw_metadata_shards"), "raw_metadata_shards_valid")
 IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "image_tars_complete")
 CODES_CHECK = dg.AssetCheckKey(dg.AssetKey("code_parquets"), "code_parquets_contract")
-SHARD_CHECK_KEYS = (METADATA_CHECK, IMAGES_CHECK, CODES_CHECK)
+#: The same check on both assets that hold images or their codes: no item of a removal list is left.
+REMOVED_IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "no_removed_items")
+REMOVED_CODES_CHECK = dg.AssetCheckKey(dg.AssetKey("code_parquets"), "no_removed_items")
+SHARD_CHECK_KEYS = (METADATA_CHECK, IMAGES_CHECK, CODES_CHECK, REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK)
+
+
+def check_label(check: dg.AssetCheckKey) -> str:
+    """How the report names a check: its name, or `asset.name` where two assets share the name."""
+    shared = sum(1 for key in SHARD_CHECK_KEYS if key.name == check.name) > 1
+    return f"{check.asset_key.to_user_string()}.{check.name}" if shared else check.name
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ def _result(
     reason = evaluation.metadata.get("reason") if evaluation else None
     return ShardCheckResult(
         shard=shard,
-        check=check.name,
+        check=check_label(check),
         passed=passed,
         severity=evaluation.severity.value if evaluation else "ERROR",
         reason=None if reason is None or passed else str(reason.value),

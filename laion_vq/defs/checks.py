@@ -30,8 +30,16 @@ from laion_vq.audit import (
     audit_image_shard,
     audit_metadata_shard,
 )
+from laion_vq.audit.removals import audit_removed_in_codes, audit_removed_in_images
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
-from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, METADATA_CHECK, latest_materializations
+from laion_vq.defs.check_state import (
+    CODES_CHECK,
+    IMAGES_CHECK,
+    METADATA_CHECK,
+    REMOVED_CODES_CHECK,
+    REMOVED_IMAGES_CHECK,
+    latest_materializations,
+)
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.shards.exclusions import read_exclusions
@@ -127,6 +135,13 @@ def _what_to_do(check: dg.AssetCheckKey, verdict: ShardVerdict) -> str:
     )
 
 
+def step_done(context: dg.AssetCheckExecutionContext, check: dg.AssetCheckKey) -> dg.Output:
+    """The per-shard evaluations are a check step's results; this empty output only tells Dagster the step
+    produced what it promised (else it logs "did not yield or return expected outputs")."""
+    assets_def = context.op_execution_context.assets_def
+    return dg.Output(None, output_name=assets_def.get_output_name_for_asset_check_key(check))
+
+
 def evaluate_shards(
     context: dg.AssetCheckExecutionContext,
     check: dg.AssetCheckKey,
@@ -134,7 +149,7 @@ def evaluate_shards(
     keys: Iterable[str],
     audit_one: Callable[[str], ShardVerdict],
     blocking: bool = False,
-) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+) -> Iterator[dg.AssetCheckEvaluation]:
     """Audit each shard (skipping excluded ones, with a log line) and yield its own evaluation."""
     excluded = read_exclusions(layout)
     keys = list(keys)
@@ -157,10 +172,6 @@ def evaluate_shards(
         f"{check.name}: {len(keys)} shard(s) audited, {len(failed)} failed"
         + (f": {', '.join(failed[:50])}" if failed else "")
     )
-    # The results above are the per-shard evaluations; this empty output only tells Dagster the check's step
-    # produced what it promised (else it logs "did not yield or return expected outputs").
-    assets_def = context.op_execution_context.assets_def
-    yield dg.Output(None, output_name=assets_def.get_output_name_for_asset_check_key(check))
 
 
 @dg.multi_asset_check(
@@ -193,6 +204,7 @@ def raw_metadata_shards_valid(
 
     keys = _shards_to_audit(context, METADATA_CHECK.asset_key, layout.metadata_dir())
     yield from evaluate_shards(context, METADATA_CHECK, layout, keys, audit)
+    yield step_done(context, METADATA_CHECK)
 
 
 @dg.multi_asset_check(
@@ -221,6 +233,7 @@ def image_tars_complete(
     yield from evaluate_shards(
         context, IMAGES_CHECK, layout, keys, lambda key: audit_image_shard(layout, key), blocking=True
     )
+    yield step_done(context, IMAGES_CHECK)
 
 
 @dg.multi_asset_check(
@@ -247,6 +260,65 @@ def code_parquets_contract(
     yield from evaluate_shards(
         context, CODES_CHECK, layout, keys, lambda key: audit_code_shard(layout, folder, key, grid, config.n_embed)
     )
+    yield step_done(context, CODES_CHECK)
 
 
-SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, code_parquets_contract]
+def listed_keys_by_shard(layout: StorageLayout) -> dict[str, set[str]]:
+    """Keys the removal lists name that are not removed yet, per shard: one plan over every status parquet.
+    A list that does not parse fails the step (no shard is judged against half a list)."""
+    from laion_vq.removals import RemovalListError, plan_removals
+
+    try:
+        plan = plan_removals(layout)
+    except RemovalListError as err:
+        raise dg.Failure(description=f"{err}; fix the list, then audit again") from err
+    return {shard: {m.key for m in matches} for shard, matches in plan.shards.items()}
+
+
+def audit_removals(
+    context,
+    layout: StorageLayout,
+    folder: str,
+    checks: Iterable[dg.AssetCheckKey],
+    keys_of,  # noqa: ANN001
+) -> Iterator[dg.AssetCheckEvaluation]:
+    """`no_removed_items` on tars and codes for the shards `keys_of(check)` names (also used by apply_removals)."""
+    listed = listed_keys_by_shard(layout)
+    audits = {
+        REMOVED_IMAGES_CHECK: lambda key: audit_removed_in_images(layout, key, listed.get(key, set())),
+        REMOVED_CODES_CHECK: lambda key: audit_removed_in_codes(layout, folder, key, listed.get(key, set())),
+    }
+    for check in checks:
+        yield from evaluate_shards(context, check, layout, keys_of(check), audits[check])
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            key.name,
+            asset=key.asset_key,
+            partitions_def=shard_partitions,
+            description="No item of a removal list (`removals/` under the storage root) is left in the shard: "
+            "every listed key is marked removed, and no removed key has a tar sample"
+            + (" (e.g. a tar restored from an old backup)." if key == REMOVED_IMAGES_CHECK else " or a code row."),
+        )
+        for key in (REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK)
+    ],
+    can_subset=True,
+    name="no_removed_items",
+)
+def no_removed_items(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    layout = storage.existing_layout()
+    folder = encoder.codes_folder
+    directories = {REMOVED_IMAGES_CHECK: layout.images_dir(), REMOVED_CODES_CHECK: layout.codes_dir(folder)}
+    checks = [key for key in (REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK) if key in context.selected_asset_check_keys]
+    yield from audit_removals(
+        context, layout, folder, checks, lambda check: _shards_to_audit(context, check.asset_key, directories[check])
+    )
+    for check in checks:
+        yield step_done(context, check)
+
+
+SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, code_parquets_contract, no_removed_items]

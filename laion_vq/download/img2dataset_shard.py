@@ -19,10 +19,20 @@ img2dataset stays the crawler; two seams put our guards around it:
   headers (`image_checks`) before OpenCV decodes anything, and hands 16-bit and EXIF-rotated images
   over as 8-bit upright PNGs, which OpenCV would otherwise store white or sideways.
 
+Removal lists (items taken out of the dataset: Re-LAION removals, takedowns) reach a download resolved
+into two mappings. Listed rows (`removed_rows`, by row index) are never requested: img2dataset is given
+only the other rows, and our writer stores each under the key img2dataset would have given it in the
+full shard (`expected_key` of its row index: it numbers rows by position in its input), so withholding
+rows changes no other row's key; the withheld rows are merged back into the status parquet afterwards
+(`shard_files.merge_removed`). Listed image hashes (`removed_hashes`) are checked by the resizer on the
+downloaded bytes before anything decodes them (img2dataset's `sha256`) and on the re-encoded image
+before it is written (our `jpg_sha256`); a match is refused there and its status row marked `removed`
+by the writer, so it never reaches the tar.
+
 After img2dataset finishes, the status parquet is sorted by key and gains `failure_reason` (the
-normalised reason, `reasons.normalise`) and `jpg_sha256` (the hash of the JPEG stored in the tar, so a
-later audit can prove the tar holds the images that were downloaded; img2dataset's `sha256` is the
-hash of the original download).
+normalised reason, `reasons.normalise`; a removed row's is its removal list's reason) and `jpg_sha256`
+(the hash of the JPEG stored in the tar, so a later audit can prove the tar holds the images that were
+downloaded; img2dataset's `sha256` is the hash of the original download).
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ import hashlib
 import importlib.metadata
 import io
 import math
+import operator
 import os
+import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -46,7 +58,13 @@ import pyarrow as pa
 from laion_vq.download.guard import ByteBudget, FetchError, FetchLimits, fetch
 from laion_vq.download.image_checks import prepare_image
 from laion_vq.download.options import DownloadOptions
-from laion_vq.download.shard_files import annotate_status, verify_shard_files
+from laion_vq.download.shard_files import (
+    annotate_status,
+    merge_removed,
+    removal_reason,
+    removed_by_reason,
+    verify_shard_files,
+)
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
@@ -116,8 +134,11 @@ def _img2dataset() -> dict[str, ModuleType]:
 class ShardDownloadResult:
     """What one shard download produced (local paths) and img2dataset's own counts for it.
 
-    `status_counts` is the `_stats.json` `status_dict`: error message → count, plus a "success" entry.
+    `status_counts` is the `_stats.json` `status_dict`: error message → count, plus a "success" entry
+    (and a "removed" one when a removal list took rows out).
     `seconds` is the wall time of the whole call (feather write, download, verification).
+    count = successes + failed_to_download + failed_to_resize + removed; `failures_by_reason` holds no
+    removals (they are `removed_by_reason`, by the removal list's reason).
     """
 
     shard_id: int
@@ -134,6 +155,9 @@ class ShardDownloadResult:
     #: normalised reason → count, most frequent first; reason → the first few failing URLs (by key)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    #: rows a removal list took out: never requested (by row) or dropped right after download (by hash)
+    removed: int = 0
+    removed_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def shard_name(shard_id: int, shard_digits: int = 5) -> str:
@@ -167,6 +191,8 @@ def download_shard(
     caption_col: str = CAPTION_COLUMN,
     additional_columns: Sequence[str] = EXTRA_COLUMNS,
     options: DownloadOptions = DownloadOptions(),  # noqa: B008 - frozen, so a shared default is safe
+    removed_rows: Mapping[int, str] | None = None,
+    removed_hashes: Mapping[str, str] | None = None,
 ) -> ShardDownloadResult:
     """Download shard `shard_id` (its metadata rows, in order) into `output_dir` as img2dataset would.
 
@@ -177,11 +203,24 @@ def download_shard(
     lacks are skipped (LAION parts vary). Any error propagates; on error, or if the outputs do not
     account for every input row, the shard's partial outputs are removed and an exception is raised,
     so a partial shard is never reported as done.
+
+    Removal lists: `removed_rows` (row index in `rows` → the list's reason) are never requested; their
+    status rows say `removed` with that reason as `failure_reason`, with their real url, caption and
+    columns. `removed_hashes` (sha256 hex → reason) drops an image whose downloaded bytes (img2dataset's
+    `sha256`) or stored image (`jpg_sha256`) hash is listed, before it is written: status `removed` too.
+    No removed row is in the tar, and every other row keeps the key it has in a download without removals.
     """
     started = time.perf_counter()
     table, column_list = _prepare_rows(
         rows, shard_id, samples_per_shard, shard_digits, url_col, caption_col, additional_columns
     )
+    withheld = _check_removed_rows(removed_rows, table.num_rows)
+    listed_hashes = _check_removed_hashes(removed_hashes)
+    keys = [expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(table.num_rows)]
+    kept = [i for i in range(table.num_rows) if i not in withheld]
+    # img2dataset numbers the rows it is given 0, 1, 2…: the writer turns the key of the j-th row it was
+    # given back into the key of that row in the full shard (identical when nothing is withheld).
+    key_of = {keys[j]: keys[i] for j, i in enumerate(kept) if i != j}
     if "://" in output_dir and not output_dir.startswith("file://"):
         raise ValueError(f"output_dir must be a local directory, got {output_dir!r}")
     output_dir = os.path.abspath(output_dir.removeprefix("file://"))
@@ -200,17 +239,32 @@ def download_shard(
         with tempfile.TemporaryDirectory(prefix=f"laion_vq_shard_{name}_") as tmp:
             # Same file the Reader would write: an Arrow IPC file of exactly `column_list`, renamed.
             feather_path = os.path.join(tmp, f"{shard_id}.feather")
+            to_download = table.take(pa.array(kept, pa.int64())) if withheld else table
             with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+                writer.write_table(to_download)
             digests: dict[str, str] = {}
-            downloader = _build_downloader(output_dir, column_list, samples_per_shard, shard_digits, options, digests)
+            removed: dict[str, str] = {}  # key → reason, filled by the writer for images dropped by hash
+            downloader = _build_downloader(
+                output_dir,
+                column_list,
+                samples_per_shard,
+                shard_digits,
+                options,
+                _WriterState(digests, key_of, removed),
+                listed_hashes,
+            )
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
-        expected = {expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(table.num_rows)}
-        stats = verify_shard_files(
-            tar_path, parquet_path, stats_path, shard_id, expected, options.encode_format, set(digests)
+        listed = sorted(withheld)
+        withheld_rows = table.take(pa.array(listed, pa.int64())).append_column(
+            "key", pa.array([keys[i] for i in listed], pa.string())
         )
-        failures_by_reason, failure_examples = annotate_status(parquet_path, stats_path, digests)
+        merge_removed(parquet_path, stats_path, withheld_rows)
+        removed.update({keys[i]: reason for i, reason in withheld.items()})
+        stats = verify_shard_files(
+            tar_path, parquet_path, stats_path, shard_id, set(keys), options.encode_format, set(digests)
+        )
+        failures_by_reason, failure_examples = annotate_status(parquet_path, stats_path, digests, removed=removed)
     except BaseException:
         _remove(outputs)
         raise
@@ -229,7 +283,39 @@ def download_shard(
         bytes_tar=os.path.getsize(tar_path),
         failures_by_reason=failures_by_reason,
         failure_examples=failure_examples,
+        removed=stats["removed"],
+        removed_by_reason=removed_by_reason(removed),
     )
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_removed_rows(removed_rows: Mapping[int, str] | None, num_rows: int) -> dict[int, str]:
+    """Row index → reason, each index a row of the shard (0 … num_rows − 1): a removal list resolved
+    against the wrong shard must fail, not remove nothing or the wrong rows."""
+    checked: dict[int, str] = {}
+    for index, reason in (removed_rows or {}).items():
+        try:
+            i = operator.index(index)
+        except TypeError as err:
+            raise TypeError(f"removed_rows keys are row indices (int), got {index!r}") from err
+        if not 0 <= i < num_rows:
+            raise ValueError(f"removed_rows: row {i} is not a row of this shard (0 … {num_rows - 1})")
+        checked[i] = removal_reason(reason)
+    return checked
+
+
+def _check_removed_hashes(removed_hashes: Mapping[str, str] | None) -> dict[str, str]:
+    """sha256 hex (any case) → reason, keyed lowercase; anything but 64 hex digits is an error, never a
+    hash that silently matches nothing."""
+    checked: dict[str, str] = {}
+    for digest, reason in (removed_hashes or {}).items():
+        hex_digest = digest.strip().lower() if isinstance(digest, str) else ""
+        if not _SHA256_HEX.fullmatch(hex_digest):
+            raise ValueError(f"removed_hashes: {digest!r} is not a sha256 hex digest (64 hex digits)")
+        checked[hex_digest] = removal_reason(reason)
+    return checked
 
 
 def _check_shard_id(shard_id: int, shard_digits: int) -> None:
@@ -316,10 +402,12 @@ def _build_downloader(
     samples_per_shard: int,
     shard_digits: int,
     options: DownloadOptions,
-    digests: dict[str, str],
+    state: _WriterState,
+    removed_hashes: Mapping[str, str] | None = None,
 ) -> Any:
     """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`, with
-    the guards, and a writer that records each stored image's sha256 into `digests` (key → hex)."""
+    the guards, a resizer that refuses images whose hash is in `removed_hashes`, and a writer that stores
+    each sample under its key in the full shard and records each stored image's sha256 (`_WriterState`)."""
     mods = _img2dataset()
     _install_guarded_fetch()
     resizer = mods["resizer"].Resizer(
@@ -339,8 +427,8 @@ def _build_downloader(
     )
     directives = list(options.disallowed_header_directives) or None  # download(): [] means "honour none"
     return mods["downloader"].Downloader(
-        sample_writer_class=functools.partial(_hashing_writer_class(), digests),
-        resizer=_CheckedResizer(resizer, options.max_image_area),
+        sample_writer_class=functools.partial(_hashing_writer_class(), state),
+        resizer=_CheckedResizer(resizer, options.max_image_area, removed_hashes or {}, options.encode_format),
         thread_count=options.thread_count,
         save_caption=True,
         extract_exif=options.extract_exif,
@@ -384,19 +472,51 @@ class _BudgetedBody(io.BytesIO):
         super().close()
 
 
+class _Removal(str):
+    """An error message our resizer returns for an image whose hash a removal list holds, carrying the
+    list's reason: img2dataset hands it to the writer untouched (as the row's `error_message`), and the
+    writer tells it from any real resize error by its type, not its text."""
+
+    reason: str
+
+    def __new__(cls, message: str, reason: str) -> _Removal:
+        self = super().__new__(cls, message)
+        self.reason = reason
+        return self
+
+
+@dataclass
+class _WriterState:
+    """What the writer of one shard fills in and reads: `digests` (key → sha256 of the stored image),
+    `keys` (the key img2dataset gave a row → its key in the full shard, where rows were withheld) and
+    `removed` (key → removal reason of each image dropped by hash)."""
+
+    digests: dict[str, str]
+    keys: Mapping[str, str] = field(default_factory=dict)
+    removed: dict[str, str] = field(default_factory=dict)
+
+
 @functools.cache
 def _hashing_writer_class() -> type:
     """img2dataset's WebDatasetSampleWriter that also records sha256 of the exact bytes it stores, by key:
-    the proof a later audit checks the tar against, at the cost of one hash per image (no re-read)."""
+    the proof a later audit checks the tar against, at the cost of one hash per image (no re-read). It
+    writes each sample (tar names, json, status row) under its key in the full shard, and marks the rows
+    of images the resizer refused for a removal list `removed`."""
 
     class HashingWebDatasetSampleWriter(_img2dataset()["writer"].WebDatasetSampleWriter):
-        def __init__(self, digests: dict[str, str], *args: Any) -> None:
+        def __init__(self, state: _WriterState, *args: Any) -> None:
             super().__init__(*args)
-            self.digests = digests
+            self.state = state
 
         def write(self, img_str, key, caption, meta):  # type: ignore[no-untyped-def]
+            key = self.state.keys.get(key, key)
+            meta["key"] = key
+            message = meta.get("error_message")
+            if isinstance(message, _Removal):
+                meta["status"], meta["error_message"] = "removed", str(message)
+                self.state.removed[key] = message.reason
             if img_str is not None:
-                self.digests[key] = hashlib.sha256(img_str).hexdigest()
+                self.state.digests[key] = hashlib.sha256(img_str).hexdigest()
             super().write(img_str, key, caption, meta)
 
     return HashingWebDatasetSampleWriter
@@ -427,17 +547,43 @@ def _install_guarded_fetch() -> None:
 class _CheckedResizer:
     """img2dataset's Resizer behind `prepare_image`: a body that is empty, not an image, truncated or
     bomb-sized is refused from its header before OpenCV decodes it; 16-bit and EXIF-rotated images are
-    handed over as 8-bit upright PNGs. Same call and return shape as the Resizer."""
+    handed over as 8-bit upright PNGs. Same call and return shape as the Resizer.
 
-    def __init__(self, resizer: Any, max_pixels: float) -> None:
+    With `removed_hashes` (sha256 hex → reason), a body whose sha256 is listed is refused before anything
+    decodes it, and a resized image whose sha256 is listed before it is written: the error is a `_Removal`,
+    which the writer turns into a `removed` status row. img2dataset calls the resizer with the downloaded
+    bytes right after the download and writes only what it returns."""
+
+    def __init__(
+        self,
+        resizer: Any,
+        max_pixels: float,
+        removed_hashes: Mapping[str, str] | None = None,
+        encode_format: str = "jpg",
+    ) -> None:
         self.resizer, self.max_pixels = resizer, max_pixels
+        self.removed_hashes, self.encode_format = removed_hashes or {}, encode_format
+
+    def _listed(self, data: bytes, what: str) -> _Removal | None:
+        if not self.removed_hashes:
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        reason = self.removed_hashes.get(digest)
+        return None if reason is None else _Removal(f"removed: {what} sha256 {digest} is listed", reason)
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
         data = img_stream.getvalue()
+        listed = self._listed(data, "downloaded image")
+        if listed is not None:
+            return None, None, None, None, None, listed
         prepared, problem = prepare_image(data, self.max_pixels)
         if problem is not None:
             return None, None, None, None, None, problem
-        return self.resizer(img_stream if prepared is data else io.BytesIO(prepared), blurring_bbox_list)
+        result = self.resizer(img_stream if prepared is data else io.BytesIO(prepared), blurring_bbox_list)
+        listed = None if result[0] is None else self._listed(result[0], f"stored {self.encode_format}")
+        if listed is not None:
+            return None, None, None, None, None, listed
+        return result
 
 
 @functools.cache

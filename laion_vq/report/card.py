@@ -126,6 +126,26 @@ def _loading_snippet(included_files: list[str], grid: int) -> str:
     )
 
 
+def _removals_section(removals: list[dict]) -> str:
+    """What this copy was cleaned against: each removal list (name, sha256, items, newest date) and how many
+    items left the shards because of it (`removals`: dicts with those keys, from the lists and the ledger)."""
+    head = "## Cleaned against removal lists\n\n"
+    if not removals:
+        return head + "No removal list was applied to this copy (lists go under `removals/` at the storage root).\n"
+    total = sum(int(r["removed"]) for r in removals)
+    lines = [
+        head + f"{total:,} item(s) were removed from the shards (tar, status and every code version), as these lists "
+        "name them (by URL, domain, sample id, key or image hash):\n",
+        "| list | sha256 | items | newest date | removed here |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| `{_cell(r['name'])}` | `{r['sha256']}` | {int(r['items']):,} | {r['date']} | {int(r['removed']):,} |"
+        for r in removals
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def dataset_card(
     *,
     model: str,
@@ -135,6 +155,7 @@ def dataset_card(
     grid: int,
     n_embed: int,
     code_columns: list[str],
+    removals: list[dict] | None = None,
 ) -> str:
     """The README.md of `codes/<model>/`: YAML header (configs listing `included_files` exactly, licence,
     task and size categories, tags) then the prose. `provenance`: `checkpoint`, `checkpoint_sha256`,
@@ -249,6 +270,7 @@ def dataset_card(
             for r in corrupted.iter_rows(named=True)
         )
         out.append("")
+    out.append(_removals_section(removals or []))
     rows_per_shard = table.get_column("metadata_rows").max() or 10_000  # the full shards' size, from the report
     out.append(
         "## How it was made\n\n"
@@ -259,7 +281,8 @@ def dataset_card(
         "   counted by reason and listed in each parquet's `laion_vq` key-value metadata, with the provenance.\n"
         "4. Checks, one result per shard: `raw_metadata_shards_valid` (rows, columns, URLs), `image_tars_complete`\n"
         "   (every image present and hashing as downloaded) and `code_parquets_contract` (shape, code range, keys;\n"
-        "   rows = downloaded − undecodable).\n\n"
+        "   rows = downloaded − undecodable), and `no_removed_items` on tars and codes (no item of a removal list\n"
+        "   left).\n\n"
         "Made with the `laion_vq` Dagster pipeline, one partition per shard.\n"
     )
     out.append(

@@ -55,6 +55,7 @@ IMAGES_SCHEMA = pl.Schema(
         "rows": pl.Int64,
         "successes": pl.Int64,
         "tar_bytes": pl.Int64,
+        "removed": pl.Int64,  # items taken out by removal lists (optional in the input: 0 when absent)
         "materialized_at": pl.Float64,
     }
 )
@@ -173,6 +174,8 @@ def build_report(
     corrupted ones included: they say what the pipeline did; the dataset card counts what it publishes."""
     checks = _latest(_conform(checks, CHECKS_SCHEMA, "checks"), ["shard", "check"], "checked_at")
     metadata = _latest(_conform(metadata, METADATA_SCHEMA, "metadata"), ["shard"], "materialized_at")
+    if images is not None and "removed" not in images.columns:
+        images = images.with_columns(removed=pl.lit(0, pl.Int64))
     images = _latest(_conform(images, IMAGES_SCHEMA, "images"), ["shard"], "materialized_at")
     codes = _latest(_conform(codes, CODES_SCHEMA_REPORT, "codes"), ["shard"], "materialized_at")
     excluded = pl.DataFrame(
@@ -186,7 +189,7 @@ def build_report(
         .join(excluded, on="shard", how="left")
         .with_columns(excluded=pl.col("shard").is_in(excluded.get_column("shard").implode()))
         .join(metadata.select("shard", metadata_rows="rows"), on="shard", how="left")
-        .join(images.select("shard", "successes", "tar_bytes", image_rows="rows"), on="shard", how="left")
+        .join(images.select("shard", "successes", "tar_bytes", "removed", image_rows="rows"), on="shard", how="left")
         .join(
             codes.select("shard", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256"),
             on="shard",
@@ -215,7 +218,7 @@ def build_report(
     check_column_names = [name for frame in check_frames for name in frame.columns[1:]]
     table = table.select(
         "shard", "excluded", "excluded_reason", "metadata_rows", "image_rows", "successes", "success_rate",
-        "tar_bytes", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *check_column_names,
+        "tar_bytes", "removed", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *check_column_names,
         "corrupted", "warned", "corrupted_by", "reason", "detail", "corrupted_since",
     ).sort("shard")  # fmt: skip
 
@@ -251,6 +254,8 @@ def _summary(table: pl.DataFrame, failures: pl.DataFrame, usage: np.ndarray, *, 
         "images_downloaded": downloaded,
         "overall_success_rate": downloaded / attempted if attempted else 0.0,
         "codes": total("encoded"),
+        "images_removed": total("removed"),
+        "shards_with_removals": int((table.get_column("removed").fill_null(0) > 0).sum()),
         "corrupted_shards": int(table.get_column("corrupted").sum()),
         "warned_shards": int(table.get_column("warned").sum()),
         "excluded_shards": int(table.get_column("excluded").sum()),
@@ -303,6 +308,11 @@ def summary_markdown(report: ShardReport, limit: int = 50) -> str:
         f"- {s['warned_shards']} warned, {s['excluded_shards']} excluded",
         f"- {s['images_downloaded']:,} of {s['images_attempted']:,} images downloaded "
         f"({s['overall_success_rate']:.1%}), {s['codes']:,} encoded",
+        *(
+            [f"- {s['images_removed']:,} removed by removal lists, in {s['shards_with_removals']} shard(s)"]
+            if s.get("images_removed")
+            else []
+        ),
         "",
     ]
     corrupted = report.table.filter("corrupted")

@@ -1,7 +1,8 @@
 """Stage 2: download shard N's images with img2dataset (guarded) and publish tar, status and stats.
 
 A re-download much worse than the stored shard is refused, never published over it; scratch folders of
-download processes that died are cleaned up by the next download.
+download processes that died are cleaned up by the next download. Rows and images on removal lists
+(resolved by the caller into `removed_rows` / `removed_hashes`) are never downloaded again: status `removed`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from laion_vq import settings
+from laion_vq.removals.lists import RemovalList
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes, require_upstream
 
@@ -42,24 +44,39 @@ class ImageShardResult:
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
     #: the success rate of the shard this download replaced (None: there was none)
     previous_success_rate: float | None = None
+    #: rows a removal list took out (never requested, or dropped by image hash): rows = successes +
+    #: failed_to_download + failed_to_resize + removed; `failures_by_reason` holds no removals
+    removed: int = 0
+    removed_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
+        """Images in the tar over metadata rows (removed rows count against it: the published figure)."""
         return self.successes / self.rows if self.rows else 0.0
+
+    @property
+    def requested_rows(self) -> int:
+        """Rows not taken out by a removal list: what the download's health is judged on."""
+        return self.rows - self.removed
+
+
+def _rate(successes: int, rows: int) -> float:
+    return successes / rows if rows else 0.0
 
 
 class WorseDownloadError(RuntimeError):
     """A re-download that would replace a good stored shard with a much worse one (kept out)."""
 
 
-def _stored_success_rate(layout: StorageLayout, shard_id: int) -> tuple[int, int] | None:
-    """(successes, rows) of the shard already on storage, from its stats json; None if there is none."""
+def _stored_counts(layout: StorageLayout, shard_id: int) -> tuple[int, int, int] | None:
+    """(successes, rows, removed) of the shard already on storage, from its stats json; None if there is
+    none. A stats json from before removal lists has no `removed`: 0."""
     url = layout.image_stats(shard_id)
     if not exists(url):
         return None
     try:
         stats = json.loads(read_bytes(url))
-        return int(stats["successes"]), int(stats["count"])
+        return int(stats["successes"]), int(stats["count"]), int(stats.get("removed", 0))
     except (ValueError, KeyError, TypeError):
         return None  # an unreadable record protects nothing; the audit reports it
 
@@ -69,16 +86,22 @@ def refuse_worse_download(
 ) -> None:
     """Raise WorseDownloadError when `result` would replace a stored shard that had successes with one
     that has none, or whose success rate is below `min_rate_ratio` × the stored one (a dead network,
-    a blocked crawler, an outage at the image host: not a web that lost its images overnight)."""
-    if previous is None or previous[0] == 0 or previous[1] == 0:
-        return
+    a blocked crawler, an outage at the image host: not a web that lost its images overnight).
+
+    `previous` is (successes, rows requested) of the stored shard. Both rates are over the rows requested,
+    i.e. without rows a removal list took out: removals are deliberate, so a shard re-downloaded after
+    a removal list grew is judged on the rows it still downloads, not refused as a worse download."""
+    if previous is None or previous[0] == 0 or previous[1] == 0 or result.requested_rows == 0:
+        return  # nothing to protect, or nothing requested (a removal list took every row): nothing to judge
     before = previous[0] / previous[1]
-    if result.successes > 0 and result.success_rate >= min_rate_ratio * before:
+    now = _rate(result.successes, result.requested_rows)
+    if result.successes > 0 and now >= min_rate_ratio * before:
         return
     causes = ", ".join(f"{reason} ×{n}" for reason, n in list(result.failures_by_reason.items())[:3])
+    removed = f" ({result.removed} removed rows not requested)" if result.removed else ""
     raise WorseDownloadError(
-        f"shard {shard_id:05d}: the re-download got {result.successes}/{result.rows} images "
-        f"({result.success_rate:.0%}) where the stored shard has {previous[0]}/{previous[1]} ({before:.0%}); "
+        f"shard {shard_id:05d}: the re-download got {result.successes}/{result.requested_rows} images{removed} "
+        f"({now:.0%}) where the stored shard has {previous[0]}/{previous[1]} ({before:.0%}); "
         f"main failures now: {causes or 'none'}. The stored shard is kept. If the images are really gone, "
         f"re-run with {settings.DOWNLOAD_REPLACE_WORSE.env}=1 (or the downloader resource's replace_worse)."
     )
@@ -144,6 +167,9 @@ def download_image_shard(
     progress_every: float = 30.0,
     min_rate_ratio: float = 0.5,
     replace_worse: bool = False,
+    removed_rows: Mapping[int, str] | None = None,
+    removed_hashes: Mapping[str, str] | None = None,
+    removal_lists: Sequence[RemovalList] | None = None,
 ) -> ImageShardResult:
     """Download the shard's images with img2dataset into a scratch folder, then publish the three files.
 
@@ -151,11 +177,26 @@ def download_image_shard(
     raises, unless `replace_worse`. Publishing order is tar, status parquet, stats json; the encoder
     cross-checks tar keys against the status parquet, so a crash between two publishes of a re-run is
     caught there, not encoded.
+
+    Removal lists, resolved by the caller: `removed_rows` maps a row of the shard's metadata table (0-based,
+    = the sample index) to the list's reason; those rows are never requested. `removed_hashes` maps a
+    sha256 hex digest to a reason; an image whose downloaded bytes or stored JPEG hash to it is dropped
+    before it is written. Both end as status `removed` with the reason as `failure_reason`, never in the tar
+    (`download_shard`). `removal_lists` (the lists under `removals/`) are resolved here against the shard's
+    rows into those two mappings (`laion_vq.removals.downloads`), added to any given explicitly.
     """
     from laion_vq.download import DownloadOptions, download_shard
 
     remove_stale_scratch()
     rows = pq.read_table(io.BytesIO(require_upstream(layout.metadata_shard(shard_id), "raw_metadata_shards")))
+    if removal_lists:
+        from laion_vq.download.img2dataset_shard import expected_key
+        from laion_vq.removals.downloads import download_exclusions
+
+        keys = [expected_key(shard_id, index, samples_per_shard) for index in range(rows.num_rows)]
+        listed_rows, listed_hashes = download_exclusions(removal_lists, rows, keys, URL_COLUMN)
+        removed_rows = {**listed_rows, **(removed_rows or {})}
+        removed_hashes = {**listed_hashes, **(removed_hashes or {})}
     start = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{shard_id:05d}_{os.getpid()}_") as scratch,
@@ -170,8 +211,10 @@ def download_image_shard(
             caption_col=CAPTION_COLUMN,
             additional_columns=EXTRA_COLUMNS,
             options=options or DownloadOptions(),
+            removed_rows=removed_rows,
+            removed_hashes=removed_hashes,
         )
-        previous = _stored_success_rate(layout, shard_id)
+        previous = _stored_counts(layout, shard_id)
         summary = ImageShardResult(
             shard_id=shard_id,
             tar_path=layout.image_tar(shard_id),
@@ -186,9 +229,12 @@ def download_image_shard(
             bytes_tar=result.bytes_tar,
             seconds=0.0,
             previous_success_rate=previous[0] / previous[1] if previous and previous[1] else None,
+            removed=result.removed,
+            removed_by_reason=result.removed_by_reason,
         )
         if not replace_worse:
-            refuse_worse_download(shard_id, previous, summary, min_rate_ratio)
+            requested = None if previous is None else (previous[0], previous[1] - previous[2])
+            refuse_worse_download(shard_id, requested, summary, min_rate_ratio)
         summary.bytes_tar = publish_file(result.tar_path, layout.image_tar(shard_id))
         publish_file(result.parquet_path, layout.image_status(shard_id))
         publish_file(result.stats_path, layout.image_stats(shard_id))

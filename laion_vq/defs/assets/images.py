@@ -6,6 +6,7 @@ from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource
+from laion_vq.removals import RemovalListError, read_removal_lists
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.stages import ImageShardResult, download_image_shard
 
@@ -19,6 +20,8 @@ def _metadata(result: ImageShardResult) -> dict:
         "failed_to_download": result.failed_to_download,
         "failed_to_resize": result.failed_to_resize,
         "success_rate": round(result.success_rate, 4),
+        "removed": result.removed,
+        **({"removed_by_reason": dg.MetadataValue.json(result.removed_by_reason)} if result.removed else {}),
         "failures_by_reason": dg.MetadataValue.json(dict(list(result.failures_by_reason.items())[:20])),
         "failure_examples": dg.MetadataValue.json(result.failure_examples),
         "tar_bytes": result.bytes_tar,
@@ -50,6 +53,10 @@ def image_tars(
 ) -> None:
     layout = storage.existing_layout()
     options = downloader.options()
+    try:  # listed items are never requested again (README: Removal lists)
+        lists = read_removal_lists(layout)
+    except RemovalListError as err:
+        raise dg.Failure(description=f"{err}; no download runs against a removal list that does not parse") from err
 
     def work(shard: int) -> ImageShardResult:
         context.log.info(f"downloading shard {shard:05d} with {options.thread_count} threads")
@@ -61,6 +68,7 @@ def image_tars(
             progress=context.log.info,
             min_rate_ratio=downloader.min_rate_ratio,
             replace_worse=downloader.replace_worse,
+            removal_lists=lists,
         )
 
     for_each_shard(context, work, _metadata, read_exclusions(layout))

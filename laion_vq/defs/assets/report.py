@@ -81,6 +81,7 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
             "rows": _value(m, "dagster/row_count", 0),
             "successes": _value(m, "successes", 0),
             "tar_bytes": _value(m, "tar_bytes", 0),
+            "removed": _value(m, "removed", 0),
             "materialized_at": t,
         }
         for s, t, m in _materialized(instance, "image_tars")
@@ -110,6 +111,33 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
     }
 
 
+def _removals_applied(layout: StorageLayout) -> list[dict]:
+    """Each removal list on storage with the items the ledger says left the shards because of it."""
+    from laion_vq.removals import RemovalListError, read_ledger, read_removal_lists
+
+    try:
+        lists = read_removal_lists(layout)
+    except RemovalListError:
+        lists = []  # the removal_lists asset reports a broken list; the card states what was applied
+    ledger = read_ledger(layout)
+    removed: dict[str, int] = {}
+    if ledger.height:
+        for name, count in ledger.select("list_name", "shard", "key").unique().group_by("list_name").len().iter_rows():
+            removed[name] = count
+    names = {lst.name for lst in lists} | set(removed)
+    by_name = {lst.name: lst for lst in lists}
+    return [
+        {
+            "name": name,
+            "sha256": by_name[name].sha256 if name in by_name else "(list no longer on storage)",
+            "items": by_name[name].count if name in by_name else 0,
+            "date": max((i.date for i in by_name[name].items), default="—") if name in by_name else "—",
+            "removed": removed.get(name, 0),
+        }
+        for name in sorted(names)
+    ]
+
+
 def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa: ANN001 - StorageLayout, ShardReport
     """The dataset card beside the code parquets, from the stored provenance of an included shard."""
     fs, path = filesystem(layout.codes_dir(folder))
@@ -127,6 +155,7 @@ def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa:
         grid=int(provenance.get("grid", 32)),
         n_embed=int(provenance.get("n_embed", 8192)),
         code_columns=list(CODES_SCHEMA.names),
+        removals=_removals_applied(layout),
     )
     publish_bytes(card.encode("utf-8"), layout.dataset_card(folder))
     return layout.dataset_card(folder), len(included)
@@ -173,6 +202,7 @@ def corrupted_shards_report(
             "images_downloaded": summary["images_downloaded"],
             "overall_success_rate": round(summary["overall_success_rate"], 4),
             "codes": summary["codes"],
+            "images_removed": summary["images_removed"],
             "codebook_used": f"{summary['codebook_used']} of {summary['n_embed']}",
             "corrupted_by_check": dg.MetadataValue.json(summary["corrupted_by_check"]),
             "corrupted_by_reason": dg.MetadataValue.json(summary["corrupted_by_reason"]),

@@ -1,0 +1,172 @@
+"""Removal lists through Dagster: four shards go through the real pipeline (loopback downloads, the tiny encoder,
+a real instance); two lists (CSV by key, parquet by sample id, plus an item matching nothing) are dropped
+under `removals/`. The sensor sees them, `removal_lists` shows them pending, `apply_removals` rewrites just
+the two shards holding listed items and records it on their partitions, the checks pass, the report and the
+card count the removals; a tar restored from a backup fails `no_removed_items`; a second apply is a no-op."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
+from laion_vq.defs.check_state import REMOVED_IMAGES_CHECK
+from laion_vq.defs.checks import SHARD_CHECKS
+from laion_vq.defs.removals import apply_removals, removal_lists, removal_lists_sensor
+from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
+from laion_vq.fixtures.demo_inputs import shard_urls
+from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.shards.storage import StorageLayout
+
+from .conftest import TINY_MODEL
+
+SHARDS, SAMPLES = 4, 6
+
+
+def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:  # noqa: ANN001
+    urls = shard_urls(image_server, SHARDS, SAMPLES)
+    write_parts(str(tmp_path / "meta"), [sum(urls, [])])
+    return dg.Definitions(
+        assets=[raw_metadata_shards, image_tars, code_parquets, corrupted_shards_report, removal_lists],
+        asset_checks=SHARD_CHECKS,
+        jobs=[
+            dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets]),
+            dg.define_asset_job("audit", selection=dg.AssetSelection.checks(*SHARD_CHECKS)),
+            dg.define_asset_job("report", selection=[corrupted_shards_report]),
+            dg.define_asset_job("lists", selection=[removal_lists]),
+            apply_removals,
+        ],
+        sensors=[removal_lists_sensor],
+        resources={
+            "storage": StorageResource(root=str(tmp_path / "data")),
+            "metadata": LaionMetadataResource(source=str(tmp_path / "meta"), samples_per_shard=SAMPLES),
+            "downloader": DownloaderResource(thread_count=8, timeout=5),
+            "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=checkpoint, device="cpu", batch_size=8),
+        },
+        executor=dg.in_process_executor,
+    )
+
+
+def _success_row(layout: StorageLayout, shard: int, index: int = 0) -> dict:
+    rows = [r for r in pq.read_table(layout.image_status(shard)).to_pylist() if r["status"] == "success"]
+    return rows[index]
+
+
+def _files(layout: StorageLayout, shard: int) -> dict[str, tuple[bytes, int]]:
+    paths = [layout.image_tar(shard), layout.image_status(shard), layout.code_shard(TINY_MODEL, shard)]
+    return {p: (Path(p).read_bytes(), os.stat(p).st_mtime_ns) for p in paths}
+
+
+def _meta(instance: dg.DagsterInstance, asset: str, shard: str) -> dict:
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[shard]), limit=1
+    ).records[0]
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+
+def test_lists_are_applied_through_dagster(tmp_path, image_server, tiny_checkpoint):  # noqa: ANN001
+    defs = _defs(tmp_path, image_server, tiny_checkpoint)
+    layout = StorageLayout(str(tmp_path / "data"))
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        # shards 0-2 now; shard 3 is downloaded after the lists arrive, and its listed row is never requested
+        tags = {ASSET_PARTITION_RANGE_START_TAG: "00000", ASSET_PARTITION_RANGE_END_TAG: f"{SHARDS - 2:05d}"}
+        assert defs.resolve_job_def("pipe").execute_in_process(instance=instance, tags=tags).success
+        later = pq.read_table(tmp_path / "meta").to_pylist()[3 * SAMPLES + 2]  # shard 3's third row, in the source
+
+        by_key, by_id = _success_row(layout, 1), _success_row(layout, 2, 1)
+        (tmp_path / "data" / "removals").mkdir()
+        (tmp_path / "data" / "removals" / "takedown.csv").write_text(
+            f"key,reason,date\n{by_key['key']},takedown request 17,2026-11-30\n"
+            "999990001,a key no shard holds,2026-11-30\n"
+        )
+        pq.write_table(
+            pa.table(
+                {
+                    "sample_id": [str(by_id["SAMPLE_ID"]), str(later["SAMPLE_ID"])],
+                    "reason": ["opt-out registry", "opt-out registry"],
+                    "date": ["2026-12-01", "2026-12-02"],
+                }
+            ),
+            tmp_path / "data" / "removals" / "optout.parquet",
+        )
+        untouched = {shard: _files(layout, shard) for shard in (0,)}
+        backup = tmp_path / "backup-00001.tar"
+        shutil.copy(layout.image_tar(1), backup)
+
+        # the sensor sees new lists once
+        sensor = defs.resolve_sensor_def("removal_lists_sensor")
+        with dg.build_sensor_context(instance=instance, resources={"storage": defs.resources["storage"]}) as context:
+            first = sensor(context)
+            assert isinstance(first, dg.RunRequest) and first.run_key.startswith("apply-"), first
+            assert isinstance(sensor(context), dg.SkipReason)  # same lists, same cursor: nothing to do
+
+        lists = defs.resolve_job_def("lists").execute_in_process(instance=instance)
+        mat = instance.fetch_materializations(dg.AssetKey("removal_lists"), limit=1).records[0].asset_materialization
+        meta = {k: v.value for k, v in mat.metadata.items()}
+        assert lists.success and meta["list_count"] == 2 and meta["items"] == 4
+        # shard 3 is not downloaded: its item matches nothing yet, as does the key no shard holds
+        assert meta["pending_shards"] == 2 and meta["pending_keys"] == 2 and meta["unmatched_items"] == 2
+        assert "| `takedown.csv` |" in meta["lists"] and "pending" in meta["lists"]
+
+        applied = defs.resolve_job_def("apply_removals").execute_in_process(instance=instance)
+        assert applied.success
+        # just the two shards: their partitions record it, the others keep their bytes and mtimes
+        for shard, key, reason in (("00001", by_key["key"], "takedown request 17"), ("00002", by_id["key"], None)):
+            tars = _meta(instance, "image_tars", shard)
+            assert tars["removed"] == 1 and tars["removal_lists"], tars
+            assert "samples_vs_reconstructions" not in _meta(instance, "code_parquets", shard)
+            status = {r["key"]: r for r in pq.read_table(layout.image_status(int(shard))).to_pylist()}
+            assert status[key]["status"] == "removed"
+            assert status[key]["failure_reason"] == (reason or "opt-out registry")
+            codes = pq.read_table(layout.code_shard(TINY_MODEL, int(shard))).column("key").to_pylist()
+            assert key not in codes
+        assert {shard: _files(layout, shard) for shard in (0,)} == untouched
+        evaluations = applied.get_asset_check_evaluations()
+        assert evaluations and all(e.passed for e in evaluations), [e.description for e in evaluations if not e.passed]
+
+        # shard 3 arrives: its listed row is withheld from the download, recorded removed with the list's reason
+        requests = len(image_server.hits) if hasattr(image_server, "hits") else None
+        three = defs.resolve_job_def("pipe").execute_in_process(instance=instance, partition_key="00003")
+        assert three.success
+        status = pq.read_table(layout.image_status(3)).to_pylist()
+        assert [(r["status"], r["failure_reason"]) for r in status][2] == ("removed", "opt-out registry")
+        assert _meta(instance, "image_tars", "00003")["removed"] == 1
+        if requests is not None:
+            assert len(image_server.hits) - requests == SAMPLES - 1  # one request per row but the listed one
+
+        # every check passes on every shard; the report and the card count the removals
+        audit = defs.resolve_job_def("audit").execute_in_process(instance=instance)
+        assert audit.success and all(e.passed for e in audit.get_asset_check_evaluations())
+        assert defs.resolve_job_def("report").execute_in_process(instance=instance).success
+        report = {
+            k: v.value
+            for k, v in instance.fetch_materializations(dg.AssetKey("corrupted_shards_report"), limit=1)
+            .records[0]
+            .asset_materialization.metadata.items()
+        }
+        assert report["images_removed"] == 3 and report["corrupted_shards"] == 0
+        card = Path(layout.dataset_card(TINY_MODEL)).read_text()
+        assert "## Cleaned against removal lists" in card and "| `optout.parquet` |" in card
+        assert "2 item(s) were removed" in card  # by applying lists; shard 3's item was never downloaded
+
+        # a second apply changes nothing
+        before = {shard: _files(layout, shard) for shard in range(SHARDS)}
+        assert defs.resolve_job_def("apply_removals").execute_in_process(instance=instance).success
+        assert {shard: _files(layout, shard) for shard in range(SHARDS)} == before
+
+        # a tar restored from an old backup still holds the removed image: no_removed_items fails on that shard
+        shutil.copy(backup, layout.image_tar(1))
+        audit = defs.resolve_job_def("audit").execute_in_process(instance=instance, raise_on_error=False)
+        failed = {
+            (e.asset_key, e.check_name, e.partition): e for e in audit.get_asset_check_evaluations() if not e.passed
+        }
+        restored = failed[(REMOVED_IMAGES_CHECK.asset_key, REMOVED_IMAGES_CHECK.name, "00001")]
+        assert restored.metadata["reason"].value == "removed item in tar"
+        assert by_key["key"] in restored.description
