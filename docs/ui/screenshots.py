@@ -1,8 +1,9 @@
 """Screenshots of what the UI shows for corrupted shards (for the README and issue notes; not a test).
 
 Runs the demo on 4 shards (tiny model), damages three of them on storage (shard 00001: tar truncated to
-half; 00002: a byte flipped inside a stored JPEG; 00003: a code out of range), starts the webserver and
-daemon again, runs the audit and the report through the code location, then photographs the pages with
+half; 00002: a byte flipped inside a stored JPEG; 00003: a code out of range), drops a removal list naming one
+image of shard 00000, starts the webserver and daemon again, runs `apply_removals`, the audit and the report
+through the code location, then photographs the pages with
 headless Chromium driven by Playwright (a dev extra; Debian's `apt-get install chromium`):
 
     .venv/bin/python docs/ui/screenshots.py [--out docs/ui]
@@ -36,6 +37,8 @@ pages = [  # file, path, tab to click, partition to pick, metadata row to scroll
     ("code_partition.png", codes, None, None, None),
     ("code_partition_run.png", codes, None, None, "run_images_per_second"),
     ("code_partition_preview.png", codes, None, None, "samples_vs_reconstructions"),
+    ("image_tars_removed.png", "/assets/image_tars?view=partitions&partition=00000", None, None, "removal_lists"),
+    ("removal_lists.png", "/assets/removal_lists", None, None, None),
 ]
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
@@ -72,7 +75,7 @@ with sync_playwright() as p:
 
 def damage(data: Path, model: str) -> None:
     tar1 = data / "images" / "00001.tar"
-    tar1.write_bytes(tar1.read_bytes()[: tar1.stat().st_size // 2])
+    tar1.write_bytes(tar1.read_bytes()[: tar1.stat().st_size // 2 + 100])  # mid-member
     tar2 = data / "images" / "00002.tar"
     with tarfile.open(tar2) as t:
         member = next(m for m in t if m.name.endswith(".jpg"))
@@ -87,6 +90,14 @@ def damage(data: Path, model: str) -> None:
     blobs[1] = grid.tobytes()
     table = table.set_column(table.column_names.index("code"), "code", pa.array(blobs, pa.binary()))
     pq.write_table(table.replace_schema_metadata(pq.read_table(codes3).schema.metadata), codes3)
+
+
+def removal_list(data: Path) -> None:
+    """A takedown of one image of shard 00000, by its key (applied by the `apply_removals` job)."""
+    status = pq.read_table(data / "images" / "00000.parquet").to_pylist()
+    key = next(row["key"] for row in status if row["status"] == "success")
+    (data / "removals").mkdir(exist_ok=True)
+    (data / "removals" / "takedown.csv").write_text(f"key,reason,date\n{key},takedown request 17,2026-12-01\n")
 
 
 def main() -> int:
@@ -105,9 +116,10 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="laion_vq_shots-"))
         demo.main(["--workdir", str(workdir), "--model", args.model, "--shards", "4", "--samples-per-shard", "8"])
         damage(workdir / "data", args.model)
+        removal_list(workdir / "data")
     with dagster_services(workdir / "dagster_home", None, instance_yaml=EMBEDDED_YAML) as services:
         if not args.reuse:
-            for job in ("audit_shards", "corrupted_shards_report_job"):
+            for job in ("apply_removals", "audit_shards", "corrupted_shards_report_job"):
                 # the audit run itself fails (a blocking check found corruption); every shard's result is kept
                 print(job, services.wait_for_run(services.launch_run(job)))
         subprocess.run([python, "-c", SHOOT, services.url, os.path.abspath(args.out)], check=True)

@@ -137,7 +137,12 @@ class ApplyRemovalsConfig(dg.Config):
     shards: list[str] = []
 
 
-@dg.op(description="Apply the removal lists to every shard that still holds a listed item, one shard at a time.")
+# pool `removals` (one slot, the default limit): two runs (the sensor's and a hand-launched one) never rewrite a
+# shard at the same time; the second finds the work done.
+@dg.op(
+    pool="removals",
+    description="Apply the removal lists to every shard that still holds a listed item, one shard at a time.",
+)
 def apply_removals_op(
     context: dg.OpExecutionContext, config: ApplyRemovalsConfig, storage: StorageResource, encoder: VQGANEncoderResource
 ) -> None:
