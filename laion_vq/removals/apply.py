@@ -213,8 +213,13 @@ def recount_stats(stats: dict, status: pa.Table) -> dict:
         reason = row.get("failure_reason") or row["status"]
         if len(examples.setdefault(reason, [])) < EXAMPLES_PER_REASON and row.get("url"):
             examples[reason].append(row["url"])
+    removed_reasons = Counter(row.get("failure_reason") or REMOVED for row in rows if row["status"] == REMOVED)
     extra = dict(stats.get("laion_vq", {}))
-    extra.update(failures_by_reason=dict(by_reason.most_common()), failure_examples=examples)
+    extra.update(
+        failures_by_reason=dict(by_reason.most_common()),
+        failure_examples=examples,
+        removed_by_reason=dict(removed_reasons.most_common()),  # as the download stage counts them
+    )
     out["laion_vq"] = extra
     return out
 
@@ -226,8 +231,9 @@ def apply_shard(
     lists: Sequence[RemovalList],
     now: dt.datetime | None = None,
 ) -> ShardRemoval:
-    """Remove the matched keys from shard `shard`'s codes, tar, stats and status (in that order, then the
-    ledger before the status); each key takes the reason of its first item (by list name, then line)."""
+    """Remove the matched keys from shard `shard`'s code parquets, tar and stats, record them in the ledger,
+    and last turn their status rows `removed`; a key takes the reason of its first item (by list, then line).
+    Keys already `removed` are skipped, so a shard whose work is done is not touched."""
     started = time.perf_counter()
     shard_id = parse_shard_key(shard)
     status_url = layout.image_status(shard_id)
@@ -246,6 +252,7 @@ def apply_shard(
     keys = set(reasons)
     changed: dict[str, list[str]] = {key: [] for key in keys}
     fs, codes_root = filesystem(f"{layout.root.rstrip('/')}/codes")
+    fs.invalidate_cache(codes_root)  # a code version added since this process listed the folder
     for path in sorted(fs.glob(f"{codes_root}/*/{shard}.parquet")):
         url = layout.code_shard(path.rstrip("/").split("/")[-2], shard_id)
         for key in remove_code_rows(url, keys):

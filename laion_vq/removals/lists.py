@@ -236,7 +236,7 @@ def read_removal_lists(layout: StorageLayout) -> list[RemovalList]:
         return []
     names = sorted(
         p.rsplit("/", 1)[-1]
-        for p in fs.ls(path, detail=False)
+        for p in fs.ls(path, detail=False, refresh=True)  # s3fs would answer from its listing cache
         if p.endswith(SUFFIXES) and TMP_MARKER not in p and not p.endswith("/" + LEDGER_NAME)
     )
     lists = []
