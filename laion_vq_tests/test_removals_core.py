@@ -391,6 +391,47 @@ def test_crash_between_files_converges(layout, tmp_path, monkeypatch, crash_at):
     assert plan_removals(layout).shards == {}
 
 
+KILL_BEFORE = """
+import os, signal, sys
+from laion_vq.removals import apply as apply_module, plan_removals, apply_plan
+from laion_vq.shards.storage import StorageLayout
+root, target = sys.argv[1], sys.argv[2]
+publish = apply_module.publish_bytes
+
+def publish_or_die(data, dest):
+    if dest.endswith(target):
+        os.kill(os.getpid(), signal.SIGKILL)  # the process dies here, as under the OOM killer or `kill -9`
+    return publish(data, dest)
+
+apply_module.publish_bytes = publish_or_die
+layout = StorageLayout(root)
+apply_plan(layout, plan_removals(layout))
+"""
+
+
+def test_sigkill_mid_application_then_a_rerun_converges(layout, tmp_path):
+    """A real SIGKILL (not an exception) after the tar and the ledger, before the status parquet commits."""
+    import signal
+    import subprocess
+    import sys
+
+    reference = StorageLayout(str(tmp_path / "reference"))
+    for shard in range(SHARDS):
+        make_shard(reference, shard)
+    write_lists(reference)
+    apply_plan(reference, plan_removals(reference), now=NOW)
+
+    died = subprocess.run([sys.executable, "-c", KILL_BEFORE, layout.root, "images/00006.parquet"], timeout=120)
+    assert died.returncode == -signal.SIGKILL
+    assert plan_removals(layout).shards  # the status did not commit: the work is still planned
+    apply_plan(layout, plan_removals(layout), now=NOW)
+    for shard in range(SHARDS):
+        ours, theirs = snapshot(layout, shard), snapshot(reference, shard)
+        for (path, (data, _)), (_, (expected, _)) in zip(sorted(ours.items()), sorted(theirs.items()), strict=True):
+            assert data == expected, f"{path} differs from an uninterrupted run"
+    assert plan_removals(layout).shards == {}
+
+
 # --- object storage --------------------------------------------------------------------------------------
 
 
