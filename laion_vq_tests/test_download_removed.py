@@ -113,7 +113,7 @@ def test_listed_rows_are_removed_with_their_reason_and_real_columns(removed: Dow
     for i, reason in WITHHELD.items():
         row = removed.status[key(i)]
         assert (row["status"], row["failure_reason"], row["error_message"]) == ("removed", reason, WITHHELD_MESSAGE)
-        assert (row["url"], row["caption"]) == (metadata[i]["URL"], metadata[i]["TEXT"])
+        assert (row["url"], row["caption"]) == (metadata[i]["URL"], None)  # the identifier stays, the caption not
         for col in ("SAMPLE_ID", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity"):
             assert row[col] == metadata[i][col], col
         assert row["sha256"] is row["jpg_sha256"] is row["width"] is None

@@ -299,7 +299,7 @@ def test_apply_removes_everywhere_and_leaves_the_rest(layout):
         for row, old_row in zip(pq.read_table(layout.image_status(shard)).to_pylist(), old_status, strict=True):
             if row["key"] in gone:
                 assert row["status"] == "removed" and row["failure_reason"]
-                assert row["url"] is None and row["caption"] is None and row["error_message"] is None
+                assert row["url"] is not None and row["caption"] is None and row["error_message"] is None
                 assert (row["SAMPLE_ID"], row["sha256"]) == (old_row["SAMPLE_ID"], old_row["sha256"])
             else:
                 assert row == old_row

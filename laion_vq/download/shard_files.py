@@ -178,6 +178,10 @@ def annotate_status(
     ]
     table = table.append_column("failure_reason", pa.array(reasons, pa.string()))
     table = table.append_column("jpg_sha256", pa.array([digests.get(k) for k in keys], pa.string()))
+    for column in ("caption", "exif"):  # a removed row keeps its identifiers, not what describes the image
+        if column in table.column_names:
+            values = [None if st == REMOVED else v for v, st in zip(table[column].to_pylist(), statuses, strict=True)]
+            table = table.set_column(table.column_names.index(column), column, pa.array(values, table[column].type))
     pq.write_table(table, parquet_path)
 
     failures = [None if st == REMOVED else r for r, st in zip(reasons, statuses, strict=True)]

@@ -6,8 +6,9 @@ cut out: every other member keeps its exact header and data bytes), the stats js
 `removals/applied.parquet`, and last the status parquet, whose rows turn `removed` with the list's reason as
 `failure_reason`. The status row is the commit point: until it says `removed` the plan finds the item again
 and a re-run finishes what a crash left (each step skips a file that no longer holds the key); once it does,
-every other file is done. A removed row also loses what could lead back to the content (`url`, `caption`,
-`error_message`, `exif`); its key, SAMPLE_ID and hashes stay, as identifiers. The ledger holds each item's
+every other file is done. A removed row also loses what describes the content (`caption`, `error_message`,
+`exif`); its key, url, SAMPLE_ID and hashes stay, as identifiers (what the lists themselves name), so an
+item stays recognisable as removed, as it is after a download that withheld it. The ledger holds each item's
 identifier as listed, never a caption. A shard with nothing to remove is not opened for writing.
 
 The code parquets' `undecodable`/`undecodable_keys` and `source_tar_bytes` record what the encoder saw and
@@ -40,7 +41,7 @@ from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.storage import StorageLayout, exists, filesystem, is_local, publish_bytes, publish_file, read_bytes
 
 #: Status columns cleared on a removed row: they could lead back to the removed content.
-CLEARED_COLUMNS = ("url", "caption", "error_message", "exif")
+CLEARED_COLUMNS = ("caption", "error_message", "exif")
 FAILED = ("failed_to_download", "failed_to_resize")
 EXAMPLES_PER_REASON = 3
 
