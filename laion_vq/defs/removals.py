@@ -1,12 +1,15 @@
 """Removal lists in Dagster, thin over `laion_vq.removals`: the `removal_lists` asset (each list, its sha256,
 items, matches, applied or pending), the `apply_removals` job (rewrites just the shards holding listed items
-and records each one's new state on its `image_tars` and `code_parquets` partitions), and the
-`removal_lists_sensor` that runs both when a list under `removals/` is new or changed."""
+and records each one's new state on its `image_tars` and `code_parquets` partitions, then refreshes
+`removal_lists`), and the `removal_lists_sensor` that launches it when a list under `removals/` is new or
+changed."""
 
 import hashlib
+import io
 import time
 
 import dagster as dg
+import pyarrow.parquet as pq
 
 from laion_vq import settings
 from laion_vq.audit import audit_code_shard, audit_image_shard
@@ -23,7 +26,7 @@ from laion_vq.removals import RemovalListError, RemovalPlan, apply_shard, plan_r
 from laion_vq.removals.lists import lists_dir
 from laion_vq.removals.plan import REMOVED
 from laion_vq.shards.numbering import parse_shard_key
-from laion_vq.shards.storage import StorageLayout, filesystem, size
+from laion_vq.shards.storage import StorageLayout, filesystem, read_bytes, size
 
 #: Pictures of a shard's images: dropped from the partition's new materialization when items left it, since
 #: a sample shown there may be the removed one.
@@ -96,12 +99,6 @@ def _removed_metadata(previous: dict, *, removed: int, lists: list[str]) -> dict
 
 def _record(context: dg.OpExecutionContext, layout: StorageLayout, shard: str, lists: list[str]) -> None:
     """New materializations of the shard's `image_tars` and `code_parquets` partitions: the files changed."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from laion_vq.shards.storage import read_bytes
-
     shard_id = parse_shard_key(shard)
     status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(shard_id))), columns=["status"])
     statuses = status.column("status").to_pylist()
@@ -121,8 +118,6 @@ def _record(context: dg.OpExecutionContext, layout: StorageLayout, shard: str, l
 
 
 def _code_rows(layout: StorageLayout, folder: str, shard: str) -> int | None:
-    import pyarrow.parquet as pq
-
     url = layout.code_shard(folder, parse_shard_key(shard))
     fs, path = filesystem(url)
     if not fs.exists(path):
