@@ -34,11 +34,11 @@ def test_backfill_never_puts_the_encoder_in_a_download_run():
             assert keys == {"code_parquets"}, f"encoder shares a run with {keys - {'code_parquets'}}"
             encode_runs.append(width)
             # each run proves the contract for its own shards (the check scopes itself to the run)
-            assert checks == {"code_parquets_contract"}
+            assert checks == {"code_parquets_contract", "no_removed_items"}
         else:
             assert keys == {"raw_metadata_shards", "image_tars"}
             download_runs.append(width)
-            assert checks == {"raw_metadata_shards_valid", "image_tars_complete"}
+            assert checks == {"raw_metadata_shards_valid", "image_tars_complete", "no_removed_items"}
     # 1,000 shards: 125 download runs of 8 shards, 4 encoder runs of ≤ 256 shards (one model load each)
     assert sorted(download_runs) == [8] * 125
     assert sum(encode_runs) == 1000 and max(encode_runs) == 256 and len(encode_runs) == 4

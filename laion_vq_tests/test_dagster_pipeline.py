@@ -135,7 +135,7 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         in_run = {(e.check_name, e.partition): e for e in result.get_asset_check_evaluations()}
         assert set(in_run) == {
             (c, k)
-            for c in ("raw_metadata_shards_valid", "image_tars_complete", "code_parquets_contract")
+            for c in ("raw_metadata_shards_valid", "image_tars_complete", "code_parquets_contract", "no_removed_items")
             for k in ("00000", "00001")
         }
         assert all(e.passed for e in in_run.values())
@@ -148,8 +148,8 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
         assert [(e.check_name, e.partition) for e in one.get_asset_check_evaluations()] == [
             ("code_parquets_contract", "00001")
         ]
-        evaluations = _check(defs, instance)
-        assert len(evaluations) == 6 and all(e.passed for e in evaluations.values())
+        evaluations = _check(defs, instance)  # 4 check names (no_removed_items on two assets) × 2 shards
+        assert len(evaluations) == 8 and all(e.passed for e in evaluations.values())
         assert evaluations[("image_tars_complete", "00000")].metadata["rows"].value == SAMPLES
 
         # corrupt shards on storage: each check fails on its shard only and names why; the good ones pass

@@ -152,7 +152,7 @@ def test_columns_in_documented_order():
     ]
     assert columns == [
         "shard", "excluded", "excluded_reason", "metadata_rows", "image_rows", "successes", "success_rate",
-        "tar_bytes", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *per_check,
+        "tar_bytes", "removed", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *per_check,
         "corrupted", "warned", "corrupted_by", "reason", "detail", "corrupted_since",
     ]  # fmt: skip
 
@@ -168,6 +168,8 @@ def test_summary_numbers():
         "images_downloaded": 465,
         "overall_success_rate": 465 / 700,
         "codes": 353,
+        "images_removed": 0,
+        "shards_with_removals": 0,
         "corrupted_shards": 3,
         "warned_shards": 1,
         "excluded_shards": 3,

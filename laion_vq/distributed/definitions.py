@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from dagster._record import copy
 
 from laion_vq import definitions as single_machine
@@ -33,7 +34,12 @@ executor = celery_pool_executor.configured(
 
 def on_executor(definitions: dg.Definitions, executor_def: dg.ExecutorDefinition) -> dg.Definitions:
     """`definitions` with every job, schedule target and asset run on `executor_def`."""
-    jobs = {job.name: copy(job, executor_def=executor_def) for job in definitions.jobs or []}
+    # asset jobs are records (copied with the executor); the op job `apply_removals` (one op, no pool step to
+    # route; its sensor names it) stays in process
+    jobs = {
+        job.name: copy(job, executor_def=executor_def) if isinstance(job, UnresolvedAssetJobDefinition) else job
+        for job in definitions.jobs or []
+    }
     schedules = [s.with_updated_job(jobs[s.job_name]) if s.job_name in jobs else s for s in definitions.schedules or []]
     return dg.Definitions(
         assets=definitions.assets,
