@@ -26,11 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.download.reasons import normalise
+from laion_vq.shards.schema import REMOVED_STATUS
 
 #: Statuses of the per-shard parquet's `status` column: img2dataset's three, then ours for rows a removal
 #: list took out (never requested, or dropped right after download by hash; never in the tar).
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "removed")
-REMOVED = "removed"
+REMOVED = REMOVED_STATUS
 #: `error_message` of a row withheld from img2dataset by a removal list (its reason is `failure_reason`).
 WITHHELD_MESSAGE = "removed: listed, not requested"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from laion_vq.removals.lists import IDENTIFIERS, RemovalItem, RemovalList, read_ledger, read_removal_lists
+from laion_vq.shards.schema import REMOVED_STATUS
 from laion_vq.shards.storage import StorageLayout, filesystem
 
 #: The status parquet columns the plan reads, and their types.
@@ -28,7 +29,7 @@ STATUS_SCHEMA = {
     "jpg_sha256": pl.String,
     "status": pl.String,
 }
-REMOVED = "removed"
+REMOVED = REMOVED_STATUS
 #: scheme (or none), optional user info: what comes before the host.
 _BEFORE_HOST = r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|//)?(?:[^/?#@]*@)?"
 #: the host: bracketed IPv6, or up to the port, path, query or fragment.

@@ -53,6 +53,11 @@ OPTIONAL_CODE_COLUMNS = ("image_sha256",)
 CODES_SCHEMA_REQUIRED = pa.schema([f for f in CODES_SCHEMA if f.name not in OPTIONAL_CODE_COLUMNS])
 
 
+#: Status of a status-parquet row a removal list took out (never downloaded, or removed after): one home for
+#: the download stage, the removal lists and the audits.
+REMOVED_STATUS = "removed"
+
+
 class SchemaError(ValueError):
     """Input whose columns or types do not match what a stage needs."""
 
