@@ -137,6 +137,20 @@ ENCODE_SHARDS_PER_RUN = Setting(
     256,
     "backfill: shards per encoder run (one model load each; fixed costs ≤ 2% at 3,000 images/s, README)",
 )
+ENCODE_FEED = Setting(
+    "LAION_VQ_ENCODE_FEED",
+    1,
+    "1: a backfill's encoder run keeps its model loaded and takes the backfill's shards as their tars land "
+    "(README: run granularity); 0: it encodes its own shards only",
+)
+ENCODE_FEED_IDLE_SECONDS = Setting(
+    "LAION_VQ_ENCODE_FEED_IDLE_SECONDS",
+    900,
+    "a fed encoder run ends when no tar of its backfill landed for this long (it holds the GPU pool meanwhile)",
+)
+ENCODE_FEED_POLL_SECONDS = Setting(
+    "LAION_VQ_ENCODE_FEED_POLL_SECONDS", 2, "how often a fed encoder run looks for newly landed tars"
+)
 
 ALL_SETTINGS = (
     STORAGE,
@@ -167,6 +181,9 @@ ALL_SETTINGS = (
     DOWNLOAD_REPLACE_WORSE,
     DOWNLOAD_SHARDS_PER_RUN,
     ENCODE_SHARDS_PER_RUN,
+    ENCODE_FEED,
+    ENCODE_FEED_IDLE_SECONDS,
+    ENCODE_FEED_POLL_SECONDS,
     SCHEDULE_SHARDS_PER_TICK,
     SCHEDULE_MAX_FAILURES,
 )

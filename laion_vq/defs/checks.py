@@ -322,3 +322,30 @@ def no_removed_items(
 
 
 SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, code_parquets_contract, no_removed_items]
+
+
+class InlineCodeChecks:
+    """`code_parquets_contract` and `no_removed_items` on one code shard, evaluated by the encoder step right
+    after it records the shard: a run that records shards as it goes yields no output, so its check steps are
+    skipped, and a fed shard is not in the run's partitions anyway. Same audits, same evaluations, current."""
+
+    def __init__(self, instance: dg.DagsterInstance, layout: StorageLayout, folder: str, grid: int, n_embed: int):
+        self.instance, self.layout, self.folder, self.grid, self.n_embed = instance, layout, folder, grid, n_embed
+        self._listed: dict[str, set[str]] | None = None
+
+    def _listed_keys(self) -> dict[str, set[str]]:
+        """The removal lists' keys by shard, planned once per run (a plan reads every status parquet)."""
+        if self._listed is None:
+            self._listed = listed_keys_by_shard(self.layout)
+        return self._listed
+
+    def evaluations(self, key: str) -> list[dg.AssetCheckEvaluation]:
+        target = latest_materializations(self.instance, CODES_CHECK.asset_key, [key]).get(key)
+        [contract] = audit_each([key], lambda k: audit_code_shard(self.layout, self.folder, k, self.grid, self.n_embed))
+        [removed] = audit_each(
+            [key], lambda k: audit_removed_in_codes(self.layout, self.folder, k, self._listed_keys().get(k, set()))
+        )
+        return [
+            _evaluation(CODES_CHECK, contract, target, False),
+            _evaluation(REMOVED_CODES_CHECK, removed, target, False),
+        ]

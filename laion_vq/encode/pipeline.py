@@ -10,7 +10,9 @@ Four stages, each in its own thread, joined by bounded queues so none runs ahead
 The encoder never waits on a file: while it runs batch *i*, batch *i+1* is decoded and read, codes of *i-1*
 come back, the finished shard is written, and the next shard's tar is already streaming. Shards are yielded
 in the order given, each as its result or as the exception that stopped it (one bad shard never stops the
-others). Nothing here knows Dagster; ``laion_vq.stages.codes`` and the ``code_parquets`` asset call it.
+others). The shards may come from a feed that blocks until the next one is ready (an encoder run fed while
+downloads land): finished shards are still yielded while it waits, and the wait is counted apart from the
+encoder's input stalls. Nothing here knows Dagster; ``laion_vq.stages.codes`` and the ``code_parquets`` asset call it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,12 +49,14 @@ NO_IMAGE = "no image file in tar sample"
 
 @dataclass
 class PipelineStats:
-    """Where a run's time went; `input_wait_seconds` is the encoder idle, waiting for decoded images."""
+    """Where a run's time went: `input_wait_seconds` is the encoder idle while a shard is being read and
+    decoded (a pipeline stall); `feed_wait_seconds` is the encoder idle because no shard was ready yet."""
 
     shards: int = 0
     images: int = 0
     seconds: float = 0.0
     input_wait_seconds: float = 0.0
+    feed_wait_seconds: float = 0.0
     gpu_decoded: int = 0
     cpu_fallbacks: Counter = field(default_factory=Counter)
     engine: EngineStats | None = None
@@ -61,12 +65,20 @@ class PipelineStats:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    @property
+    def working_seconds(self) -> float:
+        """Wall time with a shard to work on (the feed's waits left out)."""
+        return max(self.seconds - self.feed_wait_seconds, 0.0)
+
     def as_metadata(self) -> dict[str, Any]:
         """The numbers a user checks on the run: throughput, encoder idle share, OOM retries."""
         engine = self.engine or EngineStats()
         return {
             "images_per_second": round(self.images_per_second, 2),
-            "encoder_idle_share": round(self.input_wait_seconds / self.seconds, 4) if self.seconds else 0.0,
+            "encoder_idle_share": round(self.input_wait_seconds / self.working_seconds, 4)
+            if self.working_seconds
+            else 0.0,
+            "waiting_for_shards_seconds": round(self.feed_wait_seconds, 1),
             "batch_size": engine.batch_sizes[-1] if engine.batch_sizes else 0,
             "oom_retries": engine.oom_retries,
             "compile_seconds": round(engine.compile_seconds, 2),
@@ -105,6 +117,9 @@ class _Stopped(Exception):
     pass
 
 
+_IDLE = object()  # the encoder's queue stayed empty for a moment
+
+
 class EncodePipeline:
     """Encodes shards with one engine and one decoder; ``run`` may be called for several batches of shards."""
 
@@ -122,6 +137,7 @@ class EncodePipeline:
         self.progress = progress or (lambda _message: None)
         self.queue_depth = queue_depth
         self.stats = PipelineStats(engine=engine.stats)
+        self._waiting_for_shards = threading.Event()
 
     # -- the two feeding threads --------------------------------------------------------------------------------
 
@@ -143,10 +159,10 @@ class EncodePipeline:
         require_upstream(tar_url, "image_tars", read=False)
         return ShardAccumulator(shard_id, status, tar_url, dest, keep_samples=keep)
 
-    def _read(self, shard_ids: Sequence[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, shard_ids: Iterable[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:
         """Stream each tar into chunks of one batch; a shard's failure ends that shard only."""
         try:
-            for shard_id in shard_ids:
+            for shard_id in self._feed(shard_ids):
                 try:
                     acc = self._open_shard(shard_id, keep.get(shard_id, 0))
                 except Exception as err:  # noqa: BLE001 - that shard's outcome, yielded in order
@@ -182,6 +198,19 @@ class EncodePipeline:
         except BaseException as err:  # noqa: BLE001 - a bug here must surface in the caller's thread
             self._put(out, _Fatal(err), stop)
 
+    def _feed(self, shard_ids: Iterable[int]) -> Iterator[int]:
+        """The shards in order, flagging while the source blocks (a feed waiting for the next ready shard)."""
+        source = iter(shard_ids)
+        while True:
+            self._waiting_for_shards.set()
+            try:
+                shard_id = next(source)
+            except StopIteration:
+                return
+            finally:
+                self._waiting_for_shards.clear()
+            yield shard_id
+
     def _decode(self, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
         try:
             while True:
@@ -200,14 +229,15 @@ class EncodePipeline:
     # -- the encoder, in the caller's thread --------------------------------------------------------------------
 
     def run(
-        self, shard_ids: Sequence[int], keep_samples: Mapping[int, int] | None = None
+        self, shard_ids: Iterable[int], keep_samples: Mapping[int, int] | None = None
     ) -> Iterator[tuple[int, CodeShardResult | BaseException]]:
-        """Yield ``(shard_id, result or exception)`` for each shard, in the order given."""
+        """Yield ``(shard_id, result or exception)`` for each shard, in the order given. ``shard_ids`` is read
+        lazily, in the reader thread: it may block until the next shard is ready."""
         stop = threading.Event()
         chunks: queue.Queue = queue.Queue(self.queue_depth)
         decoded: queue.Queue = queue.Queue(self.queue_depth)
         threads = [
-            threading.Thread(target=self._read, args=(list(shard_ids), keep_samples or {}, chunks, stop), daemon=True),
+            threading.Thread(target=self._read, args=(shard_ids, keep_samples or {}, chunks, stop), daemon=True),
             threading.Thread(target=self._decode, args=(chunks, decoded, stop), daemon=True),
         ]
         for thread in threads:
@@ -241,8 +271,20 @@ class EncodePipeline:
         try:
             while True:
                 t0 = time.perf_counter()
-                msg = decoded.get()
-                self.stats.input_wait_seconds += time.perf_counter() - t0
+                try:
+                    msg = decoded.get(timeout=0.25)
+                except queue.Empty:
+                    msg = _IDLE
+                waited = time.perf_counter() - t0
+                if self._waiting_for_shards.is_set() and decoded.empty():
+                    self.stats.feed_wait_seconds += waited
+                else:
+                    self.stats.input_wait_seconds += waited
+                if msg is _IDLE:  # nothing new: hand out the shards whose parquet got written meanwhile
+                    while outcomes and (not isinstance(outcomes[0][1], Future) or outcomes[0][1].done()):
+                        tick()
+                        yield _resolve(*outcomes.popleft())
+                    continue
                 if msg is None:
                     break
                 if isinstance(msg, _Fatal):

@@ -1,10 +1,13 @@
 """code_parquets: each image tar encoded by the VQGAN, in the VQGAN-LAION-100M parquet format.
 
 Runs in the `gpu` pool with a backfill policy of its own, so a backfill never puts the encoder inside a
-download run: the GPU step is always the root step of its runs and one model load serves many shards.
+download run: the GPU step is always the root step of its runs and one model load serves many shards. In a
+backfill the run records each shard as soon as it is published and, fed (`laion_vq.defs.feeding`), goes on
+with the backfill's other shards as their tars land, so one model load serves the whole download phase.
 """
 
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 import numpy as np
@@ -12,7 +15,8 @@ import numpy as np
 from laion_vq import settings
 from laion_vq.defs.assets._runs import for_each_shard, throttled
 from laion_vq.defs.assets.images import image_tars
-from laion_vq.defs.check_state import IMAGES_CHECK, failed_with_error
+from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, failed_with_error, latest_results
+from laion_vq.defs.feeding import BackfillFeed, backfill_of
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.encode.pipeline import EncodePipeline
@@ -115,6 +119,8 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     backfill_policy=ENCODE_BACKFILL_POLICY,
     pool="gpu",
     op_tags=GPU_TAGS,
+    # a backfill's run records its shards itself, as they are published (no output to yield)
+    output_required=False,
     # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
     automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     group_name="laion",
@@ -123,7 +129,9 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     tags={"laion_vq/accelerator": "gpu"},
     description=__doc__,
 )
-def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource) -> None:
+def code_parquets(
+    context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
+) -> Iterator[dg.Output]:
     layout = storage.existing_layout()
     config = encoder.vqgan_config()
     index_rule = encoder.checked_index_rule()  # `sample` on a VQ model fails here, before loading anything
@@ -149,30 +157,9 @@ def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, e
         provenance=provenance,
         replace_other_versions=encoder.replace_codes,
     )
-    keys = list(context.partition_keys)
-    to_encode = [parse_shard_key(k) for k in keys if k not in excluded and k not in failed_tars]
-    keep = {shard: encoder.preview_samples for shard in {to_encode[0], to_encode[-1]}} if to_encode else {}
+    provenance_meta = made_by(encoder, provenance)
     with encoder.image_decoder() as decoder:
         pipeline = EncodePipeline(layout, spec, engine, decoder, progress=throttled(context.log.info))
-        outcomes = pipeline.run(to_encode, keep)
-
-        def work(shard: int) -> CodeShardResult:
-            key = f"{shard:05d}"
-            if key in failed_tars:
-                raise CorruptShardError(
-                    f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
-                    "then re-run the check"
-                )
-            try:
-                done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
-            except StopIteration:
-                raise RuntimeError("the encode pipeline stopped before this shard (see the first failure)") from None
-            assert done == shard, f"pipeline yielded shard {done} for {shard}"
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-
-        provenance_meta = made_by(encoder, provenance)
 
         def metadata(result: CodeShardResult) -> dict:
             # the run's pipeline so far: throughput, how long the encoder waited for input, OOM retries
@@ -182,14 +169,150 @@ def code_parquets(context: dg.AssetExecutionContext, storage: StorageResource, e
             }
             return {**_metadata(result), **provenance_meta, **run, **_preview(context, encoder, result)}
 
+        backfill_id = backfill_of(context)
         try:
-            results = for_each_shard(context, work, metadata, excluded)
+            if backfill_id is None:
+                _encode_and_record_at_end(context, pipeline, metadata, encoder, failed_tars, excluded)
+                yield dg.Output(None)
+            else:
+                _encode_and_record_each(context, pipeline, metadata, encoder, failed_tars, excluded, backfill_id, spec)
         finally:
-            outcomes.close()
             run_stats = pipeline.stats.as_metadata()
             context.log.info(f"pipeline: {run_stats}")
-    encoded = sum(r.encoded for r in results)
     context.log.info(
-        f"encoded {encoded} images in {time.perf_counter() - started:.1f}s "
-        f"({run_stats['images_per_second']} images/s end to end, encoder idle {run_stats['encoder_idle_share']:.0%})"
+        f"encoded {pipeline.stats.images} images in {time.perf_counter() - started:.1f}s "
+        f"({run_stats['images_per_second']} images/s end to end, encoder idle {run_stats['encoder_idle_share']:.0%}, "
+        f"{run_stats['waiting_for_shards_seconds']}s waiting for tars to land)"
     )
+
+
+def _encode_and_record_at_end(
+    context: dg.AssetExecutionContext,
+    pipeline: EncodePipeline,
+    metadata,  # noqa: ANN001 - result → metadata dict
+    encoder: VQGANEncoderResource,
+    failed_tars: dict[str, str],
+    excluded: dict[str, str],
+) -> None:
+    """A run's own shards, recorded when the step ends (Dagster materializes the run's partitions from its
+    output): runs outside backfills, where a step downstream in the run may wait for this one."""
+    keys = list(context.partition_keys)
+    to_encode = [parse_shard_key(k) for k in keys if k not in excluded and k not in failed_tars]
+    keep = {shard: encoder.preview_samples for shard in {to_encode[0], to_encode[-1]}} if to_encode else {}
+    outcomes = pipeline.run(to_encode, keep)
+
+    def work(shard: int) -> CodeShardResult:
+        key = f"{shard:05d}"
+        if key in failed_tars:
+            raise CorruptShardError(
+                f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
+                "then re-run the check"
+            )
+        try:
+            done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
+        except StopIteration:
+            raise RuntimeError("the encode pipeline stopped before this shard (see the first failure)") from None
+        assert done == shard, f"pipeline yielded shard {done} for {shard}"
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    try:
+        for_each_shard(context, work, metadata, excluded)
+    finally:
+        outcomes.close()
+
+
+class _PreviewFirst(dict):
+    """Sample images kept for the preview: on the first shard this run encodes, whichever it is."""
+
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        self.samples = samples
+
+    def get(self, shard, default=0):  # noqa: ANN001, ANN201 - dict.get's signature
+        samples, self.samples = self.samples, 0
+        return samples
+
+
+def _encode_and_record_each(
+    context: dg.AssetExecutionContext,
+    pipeline: EncodePipeline,
+    metadata,  # noqa: ANN001 - result → metadata dict
+    encoder: VQGANEncoderResource,
+    failed_tars: dict[str, str],
+    excluded: dict[str, str],
+    backfill_id: str,
+    spec: CodeSpec,
+) -> None:
+    """A backfill's run: each shard is recorded (materialization, then its two code checks) the moment it is
+    published, so a killed run's retry skips what was done and the UI fills in shard by shard; fed, the run
+    then takes the backfill's other shards as their tars land."""
+    from laion_vq.defs.checks import InlineCodeChecks  # the checks module imports the assets
+
+    feed = BackfillFeed(
+        context,
+        backfill_id,
+        feed=settings.ENCODE_FEED.get_int() != 0,
+        excluded=set(excluded),
+        poll_seconds=settings.ENCODE_FEED_POLL_SECONDS.get_float(),
+        idle_seconds=settings.ENCODE_FEED_IDLE_SECONDS.get_float(),
+        log=context.log.info,
+    )
+    checks = InlineCodeChecks(context.instance, pipeline.layout, encoder.codes_folder, spec.grid, spec.n_embed)
+    keys = list(context.partition_keys)
+    already = [k for k in keys if feed.is_done(k)]
+    if already:
+        context.log.info(f"{len(already)} shard(s) already encoded in this backfill (a retried run): {already[:20]}")
+        # a run killed between recording a shard and checking it: check it now
+        checked = {r.shard for r in latest_results(context.instance, CODES_CHECK, already) if r.current}
+        for key in [k for k in already if k not in checked]:
+            for evaluation in checks.evaluations(key):
+                context.log_event(evaluation)
+    failures: dict[str, str] = {}
+    for key in keys:
+        if key in already:
+            continue
+        if key in excluded:
+            context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
+            context.log_event(
+                dg.AssetMaterialization(
+                    context.asset_key, partition=key, metadata={"excluded": excluded[key], "dagster/row_count": 0}
+                )
+            )
+        elif key in failed_tars:
+            failures[key] = (
+                f"CorruptShardError: {IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or "
+                "re-download its tar, then re-run the check"
+            )
+    own = [k for k in keys if k not in already and k not in excluded and k not in failed_tars]
+    last_cancel = time.monotonic()
+    recorded = 0
+    for shard, outcome in pipeline.run(feed.shards(own), _PreviewFirst(encoder.preview_samples)):
+        key = f"{shard:05d}"
+        if isinstance(outcome, BaseException):
+            context.log.error(f"shard {key} failed: {type(outcome).__name__}: {outcome}")
+            failures[key] = f"{type(outcome).__name__}: {outcome}"
+            feed.failed(key)
+            continue
+        context.log_event(dg.AssetMaterialization(context.asset_key, partition=key, metadata=metadata(outcome)))
+        for evaluation in checks.evaluations(key):
+            context.log_event(evaluation)
+        recorded += 1
+        where = "fed" if key in feed.fed else f"{recorded}/{len(own)}"
+        context.log.info(f"shard {key} done ({where})")
+        if time.monotonic() - last_cancel >= 10.0:
+            feed.cancel_covered_runs()
+            last_cancel = time.monotonic()
+    feed.cancel_covered_runs()
+    if feed.fed:
+        context.log.info(
+            f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {len(own)}; "
+            f"cancelled {len(feed.cancelled_runs)} queued duplicate run(s)"
+        )
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} shard(s) failed: "
+            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+            metadata={"failed_shards": dg.MetadataValue.json(failures)},
+        )

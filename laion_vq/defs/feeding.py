@@ -1,0 +1,250 @@
+"""Feeding one encoder run from its backfill, so the GPU stays busy while downloads continue.
+
+A backfill requests `code_parquets` partitions only once their tars are materialized, a few at each daemon
+tick, so without feeding it cuts the encoder into many small runs, each paying process start, imports and the
+model load. A fed run encodes its own partitions, then keeps its model loaded and takes the backfill's other
+`code_parquets` partitions as their tars land and pass `image_tars_complete`, recording each on its own
+partition, until none is left to come, the backfill ends, or no tar landed for `idle_seconds`. Runs the
+backfill daemon queued meanwhile for shards this run already encoded are cancelled, tagged `ENCODED_BY_TAG`;
+a queued run keeps any shard this run did not take (a failed tar check, an excluded shard) and fails or skips
+it visibly, as before.
+
+What the backfill sees: it counts a partition materialized by any run carrying its tag, so it never requests a
+fed partition again, and a cancelled run whose partitions were all encoded is no failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import dagster as dg
+from dagster._core.execution.backfill import BulkActionStatus  # the backfill's state: no public API reads it
+
+from laion_vq.defs.check_state import IMAGES_CHECK, latest_results
+from laion_vq.defs.partitions import shard_partitions
+from laion_vq.shards.numbering import parse_shard_key
+
+BACKFILL_TAG = "dagster/backfill"
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+#: On a queued run cancelled because a fed run encoded all its shards: that run's id.
+ENCODED_BY_TAG = "laion_vq/encoded_by"
+
+IMAGES_KEY = IMAGES_CHECK.asset_key
+CODES_KEY = dg.AssetKey("code_parquets")
+
+
+def backfill_of(context: dg.AssetExecutionContext) -> str | None:
+    """The backfill a run belongs to, when it runs `code_parquets` alone (nothing downstream waits for its
+    output in the run): such a run records each shard as it is published, and may be fed."""
+    backfill_id = context.run.tags.get(BACKFILL_TAG)
+    selection = context.run.asset_selection
+    if backfill_id is None or selection is None or set(selection) != {CODES_KEY}:
+        return None
+    return backfill_id
+
+
+class BackfillFeed:
+    """The shards one encoder run works on, in order: its own, then (when feeding) its backfill's others as
+    they become ready. Iterated lazily by the encode pipeline's reader thread; `done`/`failed` are told by the
+    caller's thread as results come back."""
+
+    def __init__(
+        self,
+        context: dg.AssetExecutionContext,
+        backfill_id: str,
+        *,
+        feed: bool,
+        excluded: set[str],
+        poll_seconds: float = 2.0,
+        idle_seconds: float = 900.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.instance = context.instance
+        self.run_id = context.run_id
+        self.backfill_id = backfill_id
+        self.asset_graph = context.repository_def.asset_graph
+        self.own = [str(k) for k in context.partition_keys]
+        self.feeding = feed
+        self.excluded = excluded
+        self.poll_seconds, self.idle_seconds = poll_seconds, idle_seconds
+        self.log = log or (lambda _message: None)
+        self._lock = threading.Lock()
+        self._cursor: dict[dg.AssetKey, int | None] = {IMAGES_KEY: None, CODES_KEY: None}
+        self._tar_latest: dict[str, int] = {}  # partition → storage id of its newest tar, any run
+        self._tar_in_backfill: set[str] = set()  # tars this backfill materialized
+        self._code_in_backfill: dict[str, int] = {}  # partition → newest code storage id by this backfill
+        self._runs_in_backfill: dict[str, bool] = {}
+        self._taken: set[str] = set()
+        self._given_up: set[str] = set()
+        self._target: set[str] = set()
+        self._failed_upstream: set[str] = set()
+        self._backfill_live = True
+        self._backfill_read_at = 0.0
+        self.fed: list[str] = []
+        self.cancelled_runs: list[str] = []
+        self.refresh()
+
+    # -- what the instance says -------------------------------------------------------------------------------
+
+    def _in_backfill(self, run_ids: Sequence[str]) -> None:
+        unknown = sorted({r for r in run_ids if r and r not in self._runs_in_backfill})
+        if unknown:
+            for record in self.instance.get_run_records(filters=dg.RunsFilter(run_ids=unknown)):
+                run = record.dagster_run
+                self._runs_in_backfill[run.run_id] = run.tags.get(BACKFILL_TAG) == self.backfill_id
+            for run_id in unknown:
+                self._runs_in_backfill.setdefault(run_id, False)
+
+    def _new_materializations(self, key: dg.AssetKey) -> list[dg.EventLogRecord]:
+        records: list[dg.EventLogRecord] = []
+        while True:
+            page = self.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, after_storage_id=self._cursor[key]), limit=1000, ascending=True
+            )
+            records += page.records
+            if page.records:
+                self._cursor[key] = page.records[-1].storage_id
+            if not page.has_more:
+                return records
+
+    def refresh(self) -> None:
+        """Read the tars and codes materialized since the last look, and (every 10 s) the backfill itself."""
+        tars, codes = self._new_materializations(IMAGES_KEY), self._new_materializations(CODES_KEY)
+        self._in_backfill([r.run_id for r in tars + codes])
+        with self._lock:
+            for record in tars:
+                if record.partition_key is not None:
+                    self._tar_latest[record.partition_key] = record.storage_id
+                    if self._runs_in_backfill.get(record.run_id):
+                        self._tar_in_backfill.add(record.partition_key)
+            for record in codes:
+                if record.partition_key is not None and self._runs_in_backfill.get(record.run_id):
+                    self._code_in_backfill[record.partition_key] = record.storage_id
+        if time.monotonic() - self._backfill_read_at >= 10.0:
+            self._read_backfill()
+
+    def _read_backfill(self) -> None:
+        self._backfill_read_at = time.monotonic()
+        backfill = self.instance.get_backfill(self.backfill_id)
+        if backfill is None or not backfill.is_asset_backfill:
+            self._backfill_live = False
+            return
+        self._backfill_live = backfill.status == BulkActionStatus.REQUESTED
+        data = backfill.get_asset_backfill_data(self.asset_graph)
+        if not self._target:
+            keys = data.target_subset.asset_keys
+            # feeding needs tars to come from this backfill: a codes-only backfill is requested all at once
+            if CODES_KEY in keys and IMAGES_KEY in keys:
+                self._target = set(data.target_subset.get_partitions_subset(CODES_KEY).get_partition_keys())
+        failed = data.failed_and_downstream_subset
+        if CODES_KEY in failed.asset_keys:
+            self._failed_upstream = set(failed.get_partitions_subset(CODES_KEY).get_partition_keys())
+
+    def is_done(self, key: str) -> bool:
+        """Encoded by a run of this backfill since its tar's latest materialization (e.g. before a retry)."""
+        code = self._code_in_backfill.get(key)
+        return code is not None and code > self._tar_latest.get(key, -1)
+
+    # -- told by the caller -------------------------------------------------------------------------------------
+
+    def failed(self, key: str) -> None:
+        with self._lock:
+            self._given_up.add(key)
+
+    # -- the shards, in order -----------------------------------------------------------------------------------
+
+    def _pending(self) -> set[str]:
+        """Target partitions that may still come: not done, not failed upstream, not given up, not this run's."""
+        with self._lock:
+            done = {k for k in self._code_in_backfill if self.is_done(k)}
+            return self._target - set(self.own) - done - self._failed_upstream - self._given_up - self._taken
+
+    def _ready(self, pending: set[str]) -> list[str]:
+        """Pending shards whose tar this backfill made and whose latest tar check passed on that tar."""
+        landed = sorted(k for k in pending if k in self._tar_in_backfill)
+        for key in [k for k in landed if k in self.excluded]:  # left to the backfill's own run to record
+            self._given_up.add(key)
+        landed = [k for k in landed if k not in self.excluded]
+        if not landed:
+            return []
+        results = {r.shard: r for r in latest_results(self.instance, IMAGES_CHECK, landed)}
+        ready = []
+        for key in landed:
+            result = results.get(key)
+            if result is None or not result.current:
+                continue  # its check has not run on this tar yet
+            if result.passed:
+                ready.append(key)
+            else:
+                self._given_up.add(key)  # the backfill's own run for it reports the failure
+        return ready
+
+    def shards(self, own: Sequence[str]) -> Iterator[int]:
+        """`own` (this run's shards to encode), then, when feeding, each ready shard of the backfill."""
+        for key in own:
+            yield parse_shard_key(key)
+        if not self.feeding:
+            return
+        idle_since = time.monotonic()
+        announced = False
+        while True:
+            self.refresh()
+            pending = self._pending()
+            if not self._target or not self._backfill_live or not pending:
+                return
+            if not announced:
+                self.log(f"feeding: {len(pending)} shard(s) of backfill {self.backfill_id} may still come")
+                announced = True
+            ready = self._ready(pending)
+            if ready:
+                idle_since = time.monotonic()
+                for key in ready:
+                    with self._lock:
+                        self._taken.add(key)
+                    self.fed.append(key)
+                    yield parse_shard_key(key)
+                continue
+            if time.monotonic() - idle_since >= self.idle_seconds:
+                self.log(
+                    f"feeding: no tar ready for {self.idle_seconds:.0f}s; ending with {len(pending)} shard(s) still "
+                    "to come (the backfill requests them in runs of their own)"
+                )
+                return
+            time.sleep(self.poll_seconds)
+
+    # -- the backfill's duplicate runs ---------------------------------------------------------------------------
+
+    def cancel_covered_runs(self) -> list[str]:
+        """Cancel the backfill's queued encoder runs whose every shard this backfill has encoded."""
+        self.refresh()
+        queued = self.instance.get_runs(
+            filters=dg.RunsFilter(tags={BACKFILL_TAG: self.backfill_id}, statuses=[dg.DagsterRunStatus.QUEUED])
+        )
+        cancelled = []
+        for run in queued:
+            if run.asset_selection is None or set(run.asset_selection) != {CODES_KEY}:
+                continue
+            keys = run_partition_keys(run.tags)
+            if not keys or not all(self.is_done(k) for k in keys):
+                continue
+            self.instance.add_run_tags(run.run_id, {ENCODED_BY_TAG: self.run_id})
+            if self.instance.run_coordinator.cancel_run(run.run_id):
+                cancelled.append(run.run_id)
+        if cancelled:
+            self.log(f"cancelled {len(cancelled)} queued encoder run(s) whose shards this run encoded: {cancelled}")
+        self.cancelled_runs += cancelled
+        return cancelled
+
+
+def run_partition_keys(tags: dict[str, str]) -> list[str]:
+    """The partitions a run targets, from its partition or partition-range tags."""
+    if PARTITION_TAG in tags:
+        return [tags[PARTITION_TAG]]
+    start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if start is None or end is None:
+        return []
+    return list(shard_partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start, end)))

@@ -1,0 +1,163 @@
+"""A backfill keeps one encoder fed while its downloads land one by one (`laion_vq.defs.feeding`).
+
+The UI's backfill of the whole graph over 8 shards, on the production instance (`deploy/dagster.yaml`:
+PostgreSQL, queued coordinator, pools) with a real `dagster-daemon` and `dagster-webserver`; one shard per
+download run and one `download` slot, so tars land one at a time, each a few seconds after the last (every
+shard has a URL the image server answers after 3 s). The tiny f8 model encodes.
+
+What must hold:
+- the first encoder run starts before the last download has finished, and the encoder is not cut into one
+  run per shard: the daemon's later requests are covered by the fed run (their queued runs cancelled, tagged
+  with the run that encoded them);
+- the first encoder run is killed (SIGKILL) once it has recorded a shard: run retries start it again, and
+  in the end every shard has exactly one code materialization (none encoded twice, none skipped), its code
+  checks passed and current, and the backfill completes successfully.
+
+Nothing here is timed: the order of events is read back from the run records.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import dagster as dg
+from dagster._core.storage.tags import BACKFILL_ID_TAG
+
+from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
+from laion_vq.defs.feeding import ENCODED_BY_TAG
+from laion_vq.fixtures.dagster_services import BACKFILL_DONE
+from laion_vq.fixtures.synthetic_metadata import write_parts
+
+from .conftest import TINY_MODEL
+
+NUM_SHARDS = 8
+SAMPLES = 3
+KEYS = [f"{i:05d}" for i in range(NUM_SHARDS)]
+ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
+CODES = dg.AssetKey("code_parquets")
+
+
+def _runs(instance, backfill_id: str) -> list[dg.RunRecord]:
+    return list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
+
+
+def _is_encoder(record: dg.RunRecord) -> bool:
+    return set(record.dagster_run.asset_selection or []) == {CODES}
+
+
+def _wait(services, daemon, what: str, check, timeout: float = 600) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for name, process in {**services.processes, **daemon.processes}.items():
+            assert process.poll() is None, f"{name} exited:\n{services.log(name)[-4000:]}"
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}\ndaemon log:\n{services.log('daemon')[-4000:]}")
+
+
+def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_encoder(
+    tmp_path, image_server, tiny_checkpoint, pg_url
+):
+    from laion_vq.fixtures.dagster_services import dagster_services
+    from laion_vq.recover_dead_runs import worker_pids
+
+    photos = image_server.photo_paths()
+    urls = [
+        [image_server.url(photos[(s + i) % len(photos)]) for i in range(SAMPLES - 1)]
+        + [image_server.url("/slow/x.jpg")]
+        for s in range(NUM_SHARDS)
+    ]
+    write_parts(str(tmp_path / "meta"), urls, row_group_size=3)
+    env = {
+        "LAION_VQ_NUM_SHARDS": str(NUM_SHARDS),
+        "LAION_VQ_SAMPLES_PER_SHARD": str(SAMPLES),
+        "LAION_VQ_STORAGE": str(tmp_path / "data"),
+        "LAION_VQ_METADATA": str(tmp_path / "meta"),
+        "LAION_VQ_MODEL": TINY_MODEL,
+        "LAION_VQ_CHECKPOINT": tiny_checkpoint,
+        "LAION_VQ_DEVICE": "cpu",
+        "LAION_VQ_ENCODE_BATCH_SIZE": "4",
+        "LAION_VQ_PREVIEW_SAMPLES": "0",
+        "LAION_VQ_DOWNLOAD_THREADS": "4",
+        "LAION_VQ_DOWNLOAD_TIMEOUT": "10",
+        "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": f"{image_server.host}/32",
+        "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN": "1",  # tars land one by one
+        "LAION_VQ_ENCODE_FEED_POLL_SECONDS": "1",
+        "LAION_VQ_ENCODE_FEED_IDLE_SECONDS": "120",
+    }
+    home = tmp_path / "dagster_home"
+    with dagster_services(home, pg_url, env=env, daemon=False) as services, services.instance() as instance:
+        instance.event_log_storage.set_concurrency_slots("download", 1)
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+        backfill_id = services.launch_backfill(ASSETS, KEYS)
+        with dagster_services(home, pg_url, env=env, webserver=False) as daemon:
+
+            def first_encoder_recorded_a_shard():
+                encoders = [r for r in _runs(instance, backfill_id) if _is_encoder(r)]
+                if not encoders:
+                    return None
+                run_id = encoders[0].dagster_run.run_id
+                records = instance.fetch_materializations(CODES, limit=100).records
+                return run_id if any(r.run_id == run_id for r in records) else None
+
+            killed = _wait(services, daemon, "the first encoder run to record a shard", first_encoder_recorded_a_shard)
+            tars_when_killed = len(instance.get_materialized_partitions(dg.AssetKey("image_tars")))
+            (pid,) = worker_pids(instance, killed)
+            os.kill(pid, signal.SIGKILL)
+
+            _wait(
+                services,
+                daemon,
+                "the backfill to finish",
+                lambda: services.backfill(backfill_id).get("status") in BACKFILL_DONE,
+                timeout=900,
+            )
+        backfill = services.backfill(backfill_id)
+        runs = _runs(instance, backfill_id)
+        summary = "\n".join(
+            f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
+            f"{[k.to_user_string() for k in r.dagster_run.asset_selection or []]} "
+            f"{r.dagster_run.tags.get('dagster/asset_partition_range_start')}.."
+            f"{r.dagster_run.tags.get('dagster/asset_partition_range_end')} start={r.start_time} end={r.end_time}"
+            for r in runs
+        )
+        assert backfill["status"] == "COMPLETED_SUCCESS", f"{backfill}\n{summary}"
+
+        # the encoder started while downloads were still landing, and was killed mid-feed
+        downloads = [r for r in runs if not _is_encoder(r)]
+        encoders = [r for r in runs if _is_encoder(r)]
+        assert len(downloads) == NUM_SHARDS, summary  # one per shard, as configured: no extra download runs
+        first_encoder = min((r for r in encoders if r.start_time), key=lambda r: r.start_time)
+        last_download_end = max(r.end_time for r in downloads)
+        assert first_encoder.start_time < last_download_end, summary
+        assert tars_when_killed < NUM_SHARDS, (tars_when_killed, summary)
+        assert first_encoder.dagster_run.run_id == killed
+
+        # the kill: a failed run and its retry; every other encoder run either ran or was covered by a fed run
+        by_id = {r.dagster_run.run_id: r for r in runs}
+        assert by_id[killed].dagster_run.status == dg.DagsterRunStatus.FAILURE, summary
+        retries = [r for r in encoders if r.dagster_run.tags.get("dagster/parent_run_id") == killed]
+        assert retries and retries[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS, summary
+        started = [r for r in encoders if r.start_time]
+        assert len(started) < NUM_SHARDS // 2, summary  # never one run per shard
+        for record in encoders:
+            if record.dagster_run.status == dg.DagsterRunStatus.CANCELED:
+                assert record.dagster_run.tags.get(ENCODED_BY_TAG) in by_id, summary
+
+        # exactly one code materialization per shard: none encoded twice, none skipped
+        records = instance.fetch_materializations(CODES, limit=1000).records
+        per_partition = Counter(r.partition_key for r in records)
+        assert per_partition == dict.fromkeys(KEYS, 1), (per_partition, summary)
+        encoded = {r.partition_key: r.asset_materialization.metadata["encoded"].value for r in records}
+        assert all(encoded[k] == SAMPLES for k in KEYS), encoded
+
+        # every code shard's two checks evaluated by the encoder, passed, on its one materialization
+        for check in (CODES_CHECK, REMOVED_CODES_CHECK):
+            results = latest_results(instance, check, KEYS)
+            assert sorted(r.shard for r in results) == KEYS, (check, results)
+            assert all(r.passed and r.current for r in results), (check, results)
