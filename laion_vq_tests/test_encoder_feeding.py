@@ -9,8 +9,9 @@ What must hold:
 - the first encoder run starts before the last download has finished, and the encoder is not cut into one
   run per shard: the daemon's later requests are covered by the fed run (their queued runs cancelled, tagged
   with the run that encoded them);
-- the first encoder run is killed (SIGKILL) once it has recorded a shard: run retries start it again, and
-  in the end every shard has exactly one code materialization (none encoded twice, none skipped), its code
+- the first encoder run is killed (SIGKILL) once it has recorded a shard: run retries queue it again (it
+  runs, or is cancelled because another encoder run of the backfill got the GPU first and encoded its
+  shards), and in the end every shard has exactly one code materialization (none encoded twice, none skipped), its code
   checks passed and current, and the backfill completes successfully.
 
 Nothing here is timed: the order of events is read back from the run records.
@@ -141,8 +142,13 @@ def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_e
         # the kill: a failed run and its retry; every other encoder run either ran or was covered by a fed run
         by_id = {r.dagster_run.run_id: r for r in runs}
         assert by_id[killed].dagster_run.status == dg.DagsterRunStatus.FAILURE, summary
+        # its retry ran, or another encoder run of the backfill got the GPU first and encoded the retry's shard too
         retries = [r for r in encoders if r.dagster_run.tags.get("dagster/parent_run_id") == killed]
-        assert retries and retries[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS, summary
+        assert retries, summary
+        assert retries[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS or (
+            retries[0].dagster_run.status == dg.DagsterRunStatus.CANCELED
+            and retries[0].dagster_run.tags.get(ENCODED_BY_TAG) in by_id
+        ), summary
         started = [r for r in encoders if r.start_time]
         assert len(started) < NUM_SHARDS // 2, summary  # never one run per shard
         for record in encoders:

@@ -32,6 +32,8 @@ RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 #: On a queued run cancelled because a fed run encoded all its shards: that run's id.
 ENCODED_BY_TAG = "laion_vq/encoded_by"
+#: On a fed run, once it goes beyond its own shards (seen in the Runs table of the backfill's page).
+FED_TAG = "laion_vq/fed"
 
 IMAGES_KEY = IMAGES_CHECK.asset_key
 CODES_KEY = dg.AssetKey("code_parquets")
@@ -198,6 +200,7 @@ class BackfillFeed:
                 return
             if not announced:
                 self.log(f"feeding: {len(pending)} shard(s) of backfill {self.backfill_id} may still come")
+                self.instance.add_run_tags(self.run_id, {FED_TAG: "takes the backfill's shards as their tars land"})
                 announced = True
             ready = self._ready(pending)
             if ready:

@@ -8,6 +8,7 @@ with the backfill's other shards as their tars land, so one model load serves th
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 import numpy as np
@@ -286,24 +287,40 @@ def _encode_and_record_each(
                 "re-download its tar, then re-run the check"
             )
     own = [k for k in keys if k not in already and k not in excluded and k not in failed_tars]
-    last_cancel = time.monotonic()
-    recorded = 0
-    for shard, outcome in pipeline.run(feed.shards(own), _PreviewFirst(encoder.preview_samples)):
-        key = f"{shard:05d}"
-        if isinstance(outcome, BaseException):
-            context.log.error(f"shard {key} failed: {type(outcome).__name__}: {outcome}")
-            failures[key] = f"{type(outcome).__name__}: {outcome}"
-            feed.failed(key)
-            continue
-        context.log_event(dg.AssetMaterialization(context.asset_key, partition=key, metadata=metadata(outcome)))
+    # Recording (the events, the two checks reading the parquet back, cancelling covered runs) happens on a
+    # thread of its own: in this thread it would hold the next batch back from the GPU.
+    recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laion-vq-record")
+    last_cancel = [time.monotonic()]
+    recorded = [0]
+
+    def record(key: str, meta: dict) -> None:
+        context.log_event(dg.AssetMaterialization(context.asset_key, partition=key, metadata=meta))
         for evaluation in checks.evaluations(key):
             context.log_event(evaluation)
-        recorded += 1
-        where = "fed" if key in feed.fed else f"{recorded}/{len(own)}"
+        recorded[0] += 1
+        where = "fed" if key in feed.fed else f"{recorded[0]}/{len(own)}"
         context.log.info(f"shard {key} done ({where})")
-        if time.monotonic() - last_cancel >= 10.0:
+        if time.monotonic() - last_cancel[0] >= 10.0:
             feed.cancel_covered_runs()
-            last_cancel = time.monotonic()
+            last_cancel[0] = time.monotonic()
+
+    pending: list[Future] = []
+    try:
+        for shard, outcome in pipeline.run(feed.shards(own), _PreviewFirst(encoder.preview_samples)):
+            key = f"{shard:05d}"
+            if isinstance(outcome, BaseException):
+                context.log.error(f"shard {key} failed: {type(outcome).__name__}: {outcome}")
+                failures[key] = f"{type(outcome).__name__}: {outcome}"
+                feed.failed(key)
+                continue
+            pending.append(recorder.submit(record, key, metadata(outcome)))
+            for future in [f for f in pending if f.done()]:
+                pending.remove(future)
+                future.result()  # a recording error ends the run here, not silently
+    finally:
+        recorder.shutdown(wait=True)
+    for future in pending:
+        future.result()
     feed.cancel_covered_runs()
     if feed.fed:
         context.log.info(
