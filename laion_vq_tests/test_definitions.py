@@ -50,6 +50,8 @@ def test_defaults_give_10000_shard_partitions_and_separate_run_granularity():
     assert info["raw_metadata_shards"]["bp"] == info["image_tars"]["bp"] == ["MULTI_RUN", 8]
     assert info["code_parquets"]["bp"] == ["MULTI_RUN", 256]
     assert info["image_tars"]["pool"] == "download" and info["code_parquets"]["pool"] == "gpu"
+    # a download run's first step is in the pool too, so the queue holds download runs back when it is full
+    assert info["raw_metadata_shards"]["pool"] == "download"
     k8s = json.loads(info["code_parquets"]["tags"]["dagster-k8s/config"])
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     ecs = json.loads(info["code_parquets"]["tags"]["ecs/container_overrides"])

@@ -1,6 +1,6 @@
 """A backfill keeps one encoder fed while its downloads land one by one (`laion_vq.defs.feeding`).
 
-The UI's backfill of the whole graph over 8 shards, on the production instance (`deploy/dagster.yaml`:
+The UI's backfill of the whole graph over 6 shards, on the production instance (`deploy/dagster.yaml`:
 PostgreSQL, queued coordinator, pools) with a real `dagster-daemon` and `dagster-webserver`; one shard per
 download run and one `download` slot, so tars land one at a time, each a few seconds after the last (every
 shard has a URL the image server answers after 3 s). The tiny f8 model encodes.
@@ -34,7 +34,7 @@ from laion_vq.fixtures.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 
-NUM_SHARDS = 8
+NUM_SHARDS = 6
 SAMPLES = 3
 KEYS = [f"{i:05d}" for i in range(NUM_SHARDS)]
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]

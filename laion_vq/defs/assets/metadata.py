@@ -27,6 +27,11 @@ def _metadata(result: MetadataShardResult) -> dict:
 @dg.asset(
     partitions_def=shard_partitions,
     backfill_policy=DOWNLOAD_BACKFILL_POLICY,
+    # The first step of every download run: in the `download` pool, the queue holds a download run back while
+    # the pool is full. Without a pool here, its runs were never held (a run with one pool-free first step
+    # is always dequeued), filled every run slot while waiting for `download` slots, and an encoder run
+    # queued behind them waited for the last download (README, "How a backfill feeds the encoder").
+    pool="download",
     group_name="laion",
     kinds={"parquet"},
     description=__doc__,
