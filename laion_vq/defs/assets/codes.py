@@ -122,6 +122,7 @@ def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
     op_tags=GPU_TAGS,
     # a backfill's run records its shards itself, as they are published (no output to yield)
     output_required=False,
+    dagster_type=dg.Nothing,  # the parquets are the data: no IO manager stores the output
     # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
     automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     group_name="laion",
