@@ -142,3 +142,15 @@ def tiny_encoder(tiny_checkpoint):
     config = get_model_config(TINY_MODEL)
     model = load_encoder(config, tiny_checkpoint)
     return config, model
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_defs_state_storage():
+    """Dagster keeps the current instance's defs-state storage in a ContextVar that a run executed earlier in
+    this process may leave pointing at a disposed instance (its context is exited elsewhere, and Dagster then
+    leaves the value set); the next `Definitions` built here would fail with "Attempted to resolve undefined
+    DagsterInstance weakref". Each test starts without one, as a fresh process does."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield
