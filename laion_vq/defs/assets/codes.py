@@ -188,6 +188,14 @@ def code_parquets(
     )
 
 
+def _refused_tar(key: str, failed_tars: dict[str, str]) -> CorruptShardError:
+    """The error a shard whose tar check failed is reported with, in either recording mode."""
+    return CorruptShardError(
+        f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
+        "then re-run the check"
+    )
+
+
 def _encode_and_record_at_end(
     context: dg.AssetExecutionContext,
     pipeline: EncodePipeline,
@@ -206,10 +214,7 @@ def _encode_and_record_at_end(
     def work(shard: int) -> CodeShardResult:
         key = f"{shard:05d}"
         if key in failed_tars:
-            raise CorruptShardError(
-                f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
-                "then re-run the check"
-            )
+            raise _refused_tar(key, failed_tars)
         try:
             done, outcome = next(outcomes)  # the pipeline yields the shards of `to_encode`, in this order
         except StopIteration:
@@ -283,10 +288,8 @@ def _encode_and_record_each(
                 )
             )
         elif key in failed_tars:
-            failures[key] = (
-                f"CorruptShardError: {IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or "
-                "re-download its tar, then re-run the check"
-            )
+            error = _refused_tar(key, failed_tars)
+            failures[key] = f"{type(error).__name__}: {error}"
     own = [k for k in keys if k not in already and k not in excluded and k not in failed_tars]
     # Recording (the events, the two checks reading the parquet back, cancelling covered runs) happens on a
     # thread of its own: in this thread it would hold the next batch back from the GPU.
