@@ -55,6 +55,34 @@ STORAGE = Setting("LAION_VQ_STORAGE", "./data", "storage root: a local path or a
 METADATA = Setting(
     "LAION_VQ_METADATA", "./data/laion-metadata", "LAION metadata: a parquet file, a folder of parts or a glob"
 )
+METADATA_FORMAT = Setting(
+    "LAION_VQ_METADATA_FORMAT",
+    "laion400m",
+    "the metadata's layout: laion400m, relaion5b, laion5b, datacomp, coyo700m or cc12m (laion_vq/shards/sources.py)",
+)
+URL_COLUMN = Setting("LAION_VQ_URL_COLUMN", None, "the column holding image URLs (default: the format's)")
+CAPTION_COLUMN = Setting("LAION_VQ_CAPTION_COLUMN", None, "the column holding captions (default: the format's)")
+INPUT_FORMAT = Setting(
+    "LAION_VQ_INPUT_FORMAT",
+    None,
+    "file format of the metadata, as img2dataset spells it: parquet, csv, csv.gz, tsv, tsv.gz, jsonl, jsonl.gz "
+    "(default: the format's)",
+)
+FILTER = Setting(
+    "LAION_VQ_FILTER",
+    None,
+    "a SQL predicate over the metadata columns (polars SQL, e.g. `punsafe < 0.1 and similarity >= 0.28`): rows "
+    "it rejects are never downloaded, recorded as `filtered`; part of the dataset's version",
+)
+IMAGE_SIZE = Setting(
+    "LAION_VQ_IMAGE_SIZE", 256, "side of the images downloaded and encoded, in pixels; part of the dataset's version"
+)
+RESIZE_MODE = Setting(
+    "LAION_VQ_RESIZE_MODE",
+    "border",
+    "img2dataset resize mode: border (white padding), center_crop, keep_ratio, keep_ratio_largest or no; "
+    "part of the dataset's version",
+)
 SAMPLES_PER_SHARD = Setting("LAION_VQ_SAMPLES_PER_SHARD", DEFAULT_SAMPLES_PER_SHARD, "samples per shard")
 NUM_SHARDS = Setting("LAION_VQ_NUM_SHARDS", DEFAULT_NUM_SHARDS, "partition count: shards 00000 … N-1")
 MODEL = Setting("LAION_VQ_MODEL", "vqgan_gumbel_f8", "VQGAN config name from laion_vq.vqgan.registry")
@@ -155,6 +183,13 @@ ENCODE_FEED_POLL_SECONDS = Setting(
 ALL_SETTINGS = (
     STORAGE,
     METADATA,
+    METADATA_FORMAT,
+    URL_COLUMN,
+    CAPTION_COLUMN,
+    INPUT_FORMAT,
+    FILTER,
+    IMAGE_SIZE,
+    RESIZE_MODE,
     SAMPLES_PER_SHARD,
     NUM_SHARDS,
     MODEL,
@@ -276,7 +311,5 @@ def compile_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "laion_vq", "inductor")
 
 
-#: Fixed by the LAION-400M tars: longest side to 256, white border, JPEG quality 95.
-IMAGE_SIZE = 256
-RESIZE_MODE = "border"
+#: JPEG quality of the stored images: LAION-400M's tars used 95.
 ENCODE_QUALITY = 95

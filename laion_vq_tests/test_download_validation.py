@@ -78,15 +78,25 @@ def test_shard_name() -> None:
     assert shard_name(12, shard_digits=3) == "012"
 
 
-def test_reserved_or_unserialisable_additional_columns(tmp_path: Path) -> None:
-    table = rows(1).append_column("status", pa.array(["x"]))
-    with pytest.raises(ValueError, match="'status' clashes with a column img2dataset reserves"):
-        download_shard(table, 0, str(tmp_path), samples_per_shard=10, additional_columns=("status",))
+def test_reserved_and_unserialisable_columns_are_kept_renamed_or_aside() -> None:
+    """A source column named like one of img2dataset's goes through as `source_<name>`; a type a sample's json
+    cannot hold (binary, timestamp) stays out of img2dataset, to be joined into the status parquet by key."""
+    table = (
+        rows(2)
+        .append_column("status", pa.array(["x", "y"]))
+        .append_column("BLOB", pa.array([b"\x00", b"\x01"], pa.binary()))
+        .append_column("boxes", pa.array([[[0.1, 0.2]], []], pa.list_(pa.list_(pa.float64()))))
+    )
+    extra = ("SAMPLE_ID", "status", "BLOB", "boxes")
+    prepared, column_list, aside = img2dataset_shard._prepare_rows(table, 0, 10, 5, "URL", "TEXT", extra)
+    assert column_list == ["SAMPLE_ID", "source_status", "boxes", "caption", "url"]
+    assert prepared.column("source_status").to_pylist() == ["x", "y"]
+    assert prepared.schema.field("boxes").type == pa.list_(pa.list_(pa.float64()))
+    assert aside.column_names == ["BLOB"] and aside.schema.field("BLOB").type == pa.binary()
     with pytest.raises(ValueError, match="is the URL or caption column"):
-        download_shard(rows(1), 0, str(tmp_path), samples_per_shard=10, additional_columns=("URL",))
-    table = rows(1).append_column("BLOB", pa.array([b"\x00"], pa.binary()))
-    with pytest.raises(ValueError, match="'BLOB' has type binary"):
-        download_shard(table, 0, str(tmp_path), samples_per_shard=10, additional_columns=("BLOB",))
+        img2dataset_shard._prepare_rows(rows(1), 0, 10, 5, "URL", "TEXT", ("URL",))
+    with pytest.raises(ValueError, match="hash column 'sha256' is missing"):
+        img2dataset_shard._prepare_rows(rows(1), 0, 10, 5, "URL", "TEXT", (), "sha256", "sha256")
 
 
 def test_url_column_must_be_strings(tmp_path: Path) -> None:

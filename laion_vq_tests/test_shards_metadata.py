@@ -92,7 +92,7 @@ def test_missing_source_is_clear(tmp_path):
 def test_missing_url_column_is_clear(tmp_path):
     path = str(tmp_path / "p.parquet")
     pq.write_table(pa.table({"TEXT": ["a", "b"]}), path)
-    with pytest.raises(SchemaError, match=r"missing required LAION column\(s\) \['URL'\]"):
+    with pytest.raises(SchemaError, match=r"missing the URL/caption column\(s\) \['URL'\]"):
         LaionMetadata(path, 10).read_shard(0)
 
 

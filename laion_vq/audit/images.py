@@ -28,6 +28,8 @@ MIN_SUCCESS_RATE = 0.3
 #: The status of a row a removal list took out (`laion_vq.download.shard_files.STATUSES`; not imported, so
 #: the audit does not need the downloader's dependencies).
 REMOVED = "removed"
+#: The status of a row the metadata's filter rejected (never requested).
+FILTERED = "filtered"
 
 
 def tar_problems(tar_url: str, status: pa.Table) -> list[Problem]:
@@ -86,9 +88,12 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
     statuses = status.column("status").to_pylist()
     successes = statuses.count("success")
     removed = statuses.count(REMOVED)
+    filtered = statuses.count(FILTERED)
     verdict.counts.update(rows=rows, successes=successes, success_rate=round(successes / rows, 4) if rows else 0.0)
     if removed:
         verdict.counts.update(removed=removed)
+    if filtered:
+        verdict.counts.update(filtered=filtered)
     if exists(layout.metadata_shard(shard)):
         expected = pq.ParquetFile(io.BytesIO(read_bytes(layout.metadata_shard(shard)))).metadata.num_rows
         if rows != expected:
@@ -103,20 +108,20 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
     if exists(layout.image_stats(shard)):
         stats = json.loads(read_bytes(layout.image_stats(shard)))
         # a stats json written before removal lists has no `removed` count: it had none
-        said = (stats.get("count"), stats.get("successes"), stats.get(REMOVED, 0))
-        if said != (rows, successes, removed):
+        said = (stats.get("count"), stats.get("successes"), stats.get(REMOVED, 0), stats.get(FILTERED, 0))
+        if said != (rows, successes, removed, filtered):
             verdict.error(
                 "stats disagree",
-                f"stats json says {said[0]} rows / {said[1]} successes / {said[2]} removed, "
-                f"status parquet {rows} / {successes} / {removed}",
+                f"stats json says {said[0]} rows / {said[1]} successes / {said[2]} removed / {said[3]} filtered, "
+                f"status parquet {rows} / {successes} / {removed} / {filtered}",
             )
     else:
         verdict.error("stats json missing", f"{layout.image_stats(shard)} does not exist")
-    requested = rows - removed  # removed rows are not failures: the floor judges the rows requested
+    requested = rows - removed - filtered  # not failures: the floor judges the rows requested
     if requested and successes / requested < min_success_rate:
         verdict.warn(
             "low success rate",
             f"success rate {successes / requested:.1%} below {min_success_rate:.0%} ({successes}/{requested}"
-            + (f" requested, {removed} removed)" if removed else ")"),
+            + (f" requested, {removed + filtered} removed or filtered)" if removed + filtered else ")"),
         )
     return verdict

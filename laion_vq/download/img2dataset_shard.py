@@ -60,6 +60,7 @@ from laion_vq.download.image_checks import prepare_image
 from laion_vq.download.options import DownloadOptions
 from laion_vq.download.shard_files import (
     annotate_status,
+    attach_columns,
     merge_removed,
     removal_reason,
     removed_by_reason,
@@ -158,6 +159,8 @@ class ShardDownloadResult:
     #: rows a removal list took out: never requested (by row) or dropped right after download (by hash)
     removed: int = 0
     removed_by_reason: dict[str, int] = field(default_factory=dict)
+    #: rows the metadata's filter rejected: never requested
+    filtered: int = 0
 
 
 def shard_name(shard_id: int, shard_digits: int = 5) -> str:
@@ -193,6 +196,9 @@ def download_shard(
     options: DownloadOptions = DownloadOptions(),  # noqa: B008 - frozen, so a shared default is safe
     removed_rows: Mapping[int, str] | None = None,
     removed_hashes: Mapping[str, str] | None = None,
+    filtered_rows: Mapping[int, str] | None = None,
+    hash_col: str | None = None,
+    hash_type: str | None = None,
 ) -> ShardDownloadResult:
     """Download shard `shard_id` (its metadata rows, in order) into `output_dir` as img2dataset would.
 
@@ -209,15 +215,24 @@ def download_shard(
     columns. `removed_hashes` (sha256 hex → reason) drops an image whose downloaded bytes (img2dataset's
     `sha256`) or stored image (`jpg_sha256`) hash is listed, before it is written: status `removed` too.
     No removed row is in the tar, and every other row keeps the key it has in a download without removals.
+
+    `filtered_rows` (row index → the filter predicate they failed) are never requested either: status
+    `filtered`, the predicate as `failure_reason`. With `hash_col`/`hash_type` (DataComp's `sha256`), an image
+    whose original bytes hash otherwise is a failure `hash mismatch` (img2dataset's `verify_hash`).
+
+    Every column of `additional_columns` is kept in the status parquet with its type: under its own name, or
+    `source_<name>` where img2dataset reserves the name (COYO's `width`, DataComp's `sha256`); columns a json
+    cannot hold (timestamps, binary) skip the sample's json and join the status parquet by key.
     """
     started = time.perf_counter()
-    table, column_list = _prepare_rows(
-        rows, shard_id, samples_per_shard, shard_digits, url_col, caption_col, additional_columns
+    table, column_list, aside = _prepare_rows(
+        rows, shard_id, samples_per_shard, shard_digits, url_col, caption_col, additional_columns, hash_col, hash_type
     )
     withheld = _check_removed_rows(removed_rows, table.num_rows)
+    filtered = {i: p for i, p in _check_removed_rows(filtered_rows, table.num_rows).items() if i not in withheld}
     listed_hashes = _check_removed_hashes(removed_hashes)
     keys = [expected_key(shard_id, i, samples_per_shard, shard_digits) for i in range(table.num_rows)]
-    kept = [i for i in range(table.num_rows) if i not in withheld]
+    kept = [i for i in range(table.num_rows) if i not in withheld and i not in filtered]
     # img2dataset numbers the rows it is given 0, 1, 2…: the writer turns the key of the j-th row it was
     # given back into the key of that row in the full shard (identical when nothing is withheld).
     key_of = {keys[j]: keys[i] for j, i in enumerate(kept) if i != j}
@@ -239,7 +254,7 @@ def download_shard(
         with tempfile.TemporaryDirectory(prefix=f"laion_vq_shard_{name}_") as tmp:
             # Same file the Reader would write: an Arrow IPC file of exactly `column_list`, renamed.
             feather_path = os.path.join(tmp, f"{shard_id}.feather")
-            to_download = table.take(pa.array(kept, pa.int64())) if withheld else table
+            to_download = table.take(pa.array(kept, pa.int64())) if len(kept) < table.num_rows else table
             with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(to_download)
             digests: dict[str, str] = {}
@@ -252,19 +267,26 @@ def download_shard(
                 options,
                 _WriterState(digests, key_of, removed),
                 listed_hashes,
+                hash_type if hash_col else None,
             )
             # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
             downloader.download_shard((shard_id, feather_path))
-        listed = sorted(withheld)
-        withheld_rows = table.take(pa.array(listed, pa.int64())).append_column(
-            "key", pa.array([keys[i] for i in listed], pa.string())
-        )
-        merge_removed(parquet_path, stats_path, withheld_rows)
+
+        def keyed(indices: list[int]) -> pa.Table:
+            return table.take(pa.array(indices, pa.int64())).append_column(
+                "key", pa.array([keys[i] for i in indices], pa.string())
+            )
+
+        merge_removed(parquet_path, stats_path, keyed(sorted(withheld)), keyed(sorted(filtered)))
         removed.update({keys[i]: reason for i, reason in withheld.items()})
+        if aside.num_columns:
+            attach_columns(parquet_path, aside.append_column("key", pa.array(keys, pa.string())))
         stats = verify_shard_files(
             tar_path, parquet_path, stats_path, shard_id, set(keys), options.encode_format, set(digests)
         )
-        failures_by_reason, failure_examples = annotate_status(parquet_path, stats_path, digests, removed=removed)
+        failures_by_reason, failure_examples = annotate_status(
+            parquet_path, stats_path, digests, removed=removed, filtered={keys[i]: p for i, p in filtered.items()}
+        )
     except BaseException:
         _remove(outputs)
         raise
@@ -285,6 +307,7 @@ def download_shard(
         failure_examples=failure_examples,
         removed=stats["removed"],
         removed_by_reason=removed_by_reason(removed),
+        filtered=stats.get("filtered", 0),
     )
 
 
@@ -337,6 +360,27 @@ def _is_plain_type(t: pa.DataType) -> bool:
     )
 
 
+def _is_json_type(t: pa.DataType) -> bool:
+    """Plain types, and lists and structs of them (DataComp's `face_bboxes`): what a sample's json can hold."""
+    if _is_plain_type(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _is_json_type(t.value_type)
+    if pa.types.is_struct(t):
+        return all(_is_json_type(t.field(i).type) for i in range(t.num_fields))
+    return False
+
+
+def stored_column_name(column: str) -> str:
+    """The name a source column is kept under beside img2dataset's own columns: its own, or `source_<name>`
+    where img2dataset reserves the name (COYO's `width`, DataComp's `sha256`)."""
+    return f"source_{column}" if column in RESERVED_COLUMNS or column in OWN_STATUS_COLUMNS else column
+
+
+#: Status-parquet columns we add after img2dataset (`shard_files.annotate_status`).
+OWN_STATUS_COLUMNS = frozenset({"failure_reason", "jpg_sha256"})
+
+
 def _prepare_rows(
     rows: pa.Table,
     shard_id: int,
@@ -345,11 +389,16 @@ def _prepare_rows(
     url_col: str,
     caption_col: str,
     additional_columns: Sequence[str],
-) -> tuple[pa.Table, list[str]]:
+    hash_col: str | None = None,
+    hash_type: str | None = None,
+) -> tuple[pa.Table, list[str], pa.Table]:
     """Validate the shard's metadata and shape it like img2dataset's Reader does.
 
-    The column list is `additional + ["caption", "url"]`, with url/caption renamed, exactly as
-    `Reader.column_list` is built; the table holds those columns in that order.
+    The column list is `additional + ["caption"] (+ [hash_type]) + ["url"]`, with url/caption (and the hash
+    column) renamed, exactly as `Reader.column_list` is built; the table holds those columns in that order.
+    Additional columns whose names img2dataset reserves go by `stored_column_name`. The third table holds the
+    columns kept out of img2dataset (types a json cannot hold, and the source's hash column under its stored
+    name), row for row, to be joined into the status parquet.
     """
     _check_shard_id(shard_id, shard_digits)
     if samples_per_shard < 1:
@@ -369,31 +418,35 @@ def _prepare_rows(
     url_type = rows.schema.field(url_col).type
     if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
         raise ValueError(f"URL column {url_col!r} must be strings, got {url_type}")
+    if hash_col is not None:
+        if hash_type not in ("md5", "sha256", "sha512"):
+            raise ValueError(f"hash type must be md5, sha256 or sha512, got {hash_type!r}")
+        if hash_col not in present:
+            raise ValueError(f"hash column {hash_col!r} is missing from the shard's rows; columns present: {present}")
 
     extra: list[str] = []
+    aside: list[str] = []
     for col in additional_columns:
         if col in (url_col, caption_col):
             raise ValueError(f"additional column {col!r} is the URL or caption column; it is always saved")
-        if col in RESERVED_COLUMNS:
-            raise ValueError(f"additional column {col!r} clashes with a column img2dataset reserves")
-        if col not in present or col in extra:
+        if col not in present or col in extra or col in aside or col == hash_col:
             continue  # LAION parts vary: a column this part lacks is simply not carried
-        col_type = rows.schema.field(col).type
-        if not _is_plain_type(col_type):
-            raise ValueError(
-                f"additional column {col!r} has type {col_type}; only integer, float, string, bool and "
-                "null columns can ride along (img2dataset writes them into each sample's json)"
-            )
-        extra.append(col)
+        (extra if _is_json_type(rows.schema.field(col).type) else aside).append(col)
+    extra_names = [stored_column_name(c) for c in extra]
+    if len(set(extra_names)) != len(extra_names) or set(extra_names) & set(present) - set(extra):
+        raise ValueError(f"columns {extra} clash with each other once renamed to {extra_names}")
 
-    column_list = [*extra, "caption", "url"]
-    table = rows.select([*extra, caption_col, url_col]).rename_columns(column_list)
+    hashed = [hash_col] if hash_col is not None else []
+    column_list = [*extra_names, "caption", *([hash_type] if hash_col else []), "url"]
+    table = rows.select([*extra, caption_col, *hashed, url_col]).rename_columns(column_list)
     caption_type = table.schema.field("caption").type
     if pa.types.is_binary(caption_type) or pa.types.is_large_binary(caption_type):
         # Some LAION parts carry captions as raw bytes, not always UTF-8: keep the text, mark bad bytes (U+FFFD).
         captions = [None if b is None else b.decode("utf-8", "replace") for b in table.column("caption").to_pylist()]
         table = table.set_column(column_list.index("caption"), "caption", pa.array(captions, pa.string()))
-    return table, column_list
+    kept_aside = [*aside, *hashed]
+    aside_table = rows.select(kept_aside).rename_columns([stored_column_name(c) for c in kept_aside])
+    return table, column_list, aside_table
 
 
 def _build_downloader(
@@ -404,6 +457,7 @@ def _build_downloader(
     options: DownloadOptions,
     state: _WriterState,
     removed_hashes: Mapping[str, str] | None = None,
+    verify_hash_type: str | None = None,
 ) -> Any:
     """The Resizer + Downloader + WebDatasetSampleWriter wiring of `img2dataset.main.download()`, with
     the guards, a resizer that refuses images whose hash is in `removed_hashes`, and a writer that stores
@@ -439,7 +493,7 @@ def _build_downloader(
         number_sample_per_shard=samples_per_shard,
         oom_shard_count=shard_digits,
         compute_hash=options.compute_hash,
-        verify_hash_type=None,
+        verify_hash_type=verify_hash_type,
         encode_format=options.encode_format,
         retries=options.retries,
         user_agent_token=options.user_agent_token,

@@ -26,17 +26,52 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.download.reasons import normalise
-from laion_vq.shards.schema import REMOVED_STATUS
+from laion_vq.shards.schema import FILTERED_STATUS, REMOVED_STATUS
 
 #: Statuses of the per-shard parquet's `status` column: img2dataset's three, then ours for rows a removal
-#: list took out (never requested, or dropped right after download by hash; never in the tar).
-STATUSES = ("success", "failed_to_download", "failed_to_resize", "removed")
+#: list took out (never requested, or dropped right after download by hash; never in the tar) and rows the
+#: metadata's filter rejected (never requested).
+STATUSES = ("success", "failed_to_download", "failed_to_resize", "removed", "filtered")
 REMOVED = REMOVED_STATUS
+FILTERED = FILTERED_STATUS
 #: `error_message` of a row withheld from img2dataset by a removal list (its reason is `failure_reason`).
 WITHHELD_MESSAGE = "removed: listed, not requested"
+#: `error_message` of a row the filter rejected (the predicate is its `failure_reason`).
+FILTERED_MESSAGE = "filtered: not requested"
 
 
-def merge_removed(parquet_path: str, stats_path: str, withheld: pa.Table) -> None:
+def _status_rows(schema: pa.Schema, rows: pa.Table, status: str, message: str) -> pa.Table:
+    """Status rows for input rows img2dataset never saw: their own columns, `status`/`error_message`, nulls
+    where img2dataset records download results."""
+    n = rows.num_rows
+    columns = []
+    for f in schema:
+        if f.name in rows.column_names:
+            columns.append(rows.column(f.name).cast(f.type))
+        elif f.name == "status":
+            columns.append(pa.array([status] * n, f.type))
+        elif f.name == "error_message":
+            columns.append(pa.array([message] * n, f.type))
+        else:
+            columns.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def attach_columns(parquet_path: str, keyed: pa.Table) -> None:
+    """Add `keyed`'s columns (all but `key`) to the status parquet, row by row on `key`, just before `caption`:
+    source columns that did not travel through img2dataset keep their types."""
+    table = pq.read_table(parquet_path)
+    position = {k: i for i, k in enumerate(keyed.column("key").to_pylist())}
+    order = pa.array([position[k] for k in table.column("key").to_pylist()], pa.int64())
+    at = table.column_names.index("caption")
+    for name in keyed.column_names:
+        if name != "key":
+            table = table.add_column(at, name, keyed.column(name).take(order))
+            at += 1
+    pq.write_table(table, parquet_path)
+
+
+def merge_removed(parquet_path: str, stats_path: str, withheld: pa.Table, filtered: pa.Table | None = None) -> None:
     """Put the rows withheld from img2dataset back into its status parquet, and count removals in the stats.
 
     `withheld` holds img2dataset's input columns plus `key` (the key img2dataset would have given the row)
@@ -45,7 +80,10 @@ def merge_removed(parquet_path: str, stats_path: str, withheld: pa.Table) -> Non
     refused the image because its hash is listed, the writer marked the row) were counted by img2dataset
     as `failed_to_resize`, by their message: they move to `removed`. The stats json always gets `removed`
     (top level, beside img2dataset's counts), and its `status_dict` counts removed rows under "removed",
-    as it counts successes under "success"."""
+    as it counts successes under "success".
+
+    `filtered` holds the rows the metadata's filter rejected, the same way: status `filtered`, counted as
+    `filtered` in the stats json (top level and in `status_dict`)."""
     table = pq.read_table(parquet_path)
     by_hash = Counter(
         m
@@ -53,22 +91,19 @@ def merge_removed(parquet_path: str, stats_path: str, withheld: pa.Table) -> Non
         if st == REMOVED
     )
     n = withheld.num_rows
-    if n:
-        columns = []
-        for f in table.schema:
-            if f.name in withheld.column_names:
-                columns.append(withheld.column(f.name).cast(f.type))
-            elif f.name == "status":
-                columns.append(pa.array([REMOVED] * n, f.type))
-            elif f.name == "error_message":
-                columns.append(pa.array([WITHHELD_MESSAGE] * n, f.type))
-            else:
-                columns.append(pa.nulls(n, f.type))
-        pq.write_table(pa.concat_tables([table, pa.Table.from_arrays(columns, schema=table.schema)]), parquet_path)
+    n_filtered = 0 if filtered is None else filtered.num_rows
+    if n or n_filtered:
+        parts = [table, _status_rows(table.schema, withheld, REMOVED, WITHHELD_MESSAGE)]
+        if filtered is not None:
+            parts.append(_status_rows(table.schema, filtered, FILTERED, FILTERED_MESSAGE))
+        pq.write_table(pa.concat_tables(parts), parquet_path)
     with open(stats_path, encoding="utf-8") as f:
         stats = json.load(f)
     removed_after_download = sum(by_hash.values())
-    stats["count"] += n
+    stats["count"] += n + n_filtered
+    stats[FILTERED] = n_filtered
+    if n_filtered:
+        stats["status_dict"][FILTERED] = n_filtered
     stats["failed_to_resize"] -= removed_after_download
     stats[REMOVED] = n + removed_after_download
     status_dict = stats["status_dict"]
@@ -103,12 +138,13 @@ def verify_shard_files(
     with open(stats_path, encoding="utf-8") as f:
         stats = json.load(f)
     removed = stats.get(REMOVED, 0)
+    filtered = stats.get(FILTERED, 0)
     failures = stats["failed_to_download"] + stats["failed_to_resize"]
-    if stats["count"] != num_rows or stats["successes"] + failures + removed != num_rows:
+    if stats["count"] != num_rows or stats["successes"] + failures + removed + filtered != num_rows:
         raise RuntimeError(
             f"shard {shard_id}: stats do not reconcile with {num_rows} input rows: count={stats['count']} "
             f"successes={stats['successes']} failed_to_download={stats['failed_to_download']} "
-            f"failed_to_resize={stats['failed_to_resize']} removed={removed}"
+            f"failed_to_resize={stats['failed_to_resize']} removed={removed} filtered={filtered}"
         )
     status = pq.read_table(parquet_path, columns=["key", "status"])
     if status.num_rows != num_rows:
@@ -130,6 +166,10 @@ def verify_shard_files(
         )
     if statuses.count(REMOVED) != removed:
         raise RuntimeError(f"shard {shard_id}: parquet has {statuses.count(REMOVED)} removed rows, stats say {removed}")
+    if statuses.count(FILTERED) != filtered:
+        raise RuntimeError(
+            f"shard {shard_id}: parquet has {statuses.count(FILTERED)} filtered rows, stats say {filtered}"
+        )
     suffix = f".{encode_format}"
     try:
         with tarfile.open(tar_path, "r:") as tar:  # headers only: the writer hashed the bytes it stored
@@ -161,20 +201,29 @@ def annotate_status(
     digests: dict[str, str],
     examples_per_reason: int = 3,
     removed: Mapping[str, str] | None = None,
+    filtered: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, int], dict[str, list[str]]]:
     """Sort the status parquet by key and add `failure_reason` and `jpg_sha256`; record the reason
     counts and the first failing URLs per reason in the stats json (key `laion_vq`).
 
     Rows with status `removed` take their reason from `removed` (key → the removal list's reason); they are
     counted apart (`removed_by_reason`), never among the failures, and their URLs are never given as examples.
+    Rows with status `filtered` take the filter's predicate from `filtered` (key → predicate); no failures either.
     """
     removed = removed or {}
+    filtered = filtered or {}
     table = pq.read_table(parquet_path).sort_by("key")
     messages = table.column("error_message").to_pylist()
     statuses = table.column("status").to_pylist()
     keys = table.column("key").to_pylist()
     reasons = [
-        None if st == "success" else removal_reason(removed.get(k)) if st == REMOVED else normalise(m) or st
+        None
+        if st == "success"
+        else removal_reason(removed.get(k))
+        if st == REMOVED
+        else filtered.get(k, FILTERED)
+        if st == FILTERED
+        else normalise(m) or st
         for k, st, m in zip(keys, statuses, messages, strict=True)
     ]
     table = table.append_column("failure_reason", pa.array(reasons, pa.string()))
@@ -185,7 +234,7 @@ def annotate_status(
             table = table.set_column(table.column_names.index(column), column, pa.array(values, table[column].type))
     pq.write_table(table, parquet_path)
 
-    failures = [None if st == REMOVED else r for r, st in zip(reasons, statuses, strict=True)]
+    failures = [None if st in (REMOVED, FILTERED) else r for r, st in zip(reasons, statuses, strict=True)]
     by_reason = dict(Counter(r for r in failures if r is not None).most_common())
     examples: dict[str, list[str]] = {}
     for reason, url in zip(failures, table.column("url").to_pylist(), strict=True):

@@ -35,7 +35,7 @@ from laion_vq.encode.shard import (
     ShardAccumulator,
     publish_shard,
     refuse_other_version,
-    status_rows,
+    status_table,
 )
 from laion_vq.shards.storage import StorageLayout, require_upstream
 from laion_vq.shards.tar_reader import TruncatedTarError, iter_samples
@@ -154,10 +154,11 @@ class EncodePipeline:
         dest = self.spec.destination(self.layout, shard_id)
         if not self.spec.replace_other_versions:
             refuse_other_version(dest, self.spec.provenance)
-        status = status_rows(self.layout, shard_id)
+        status = status_table(self.layout, shard_id)
         tar_url = self.layout.image_tar(shard_id)
         require_upstream(tar_url, "image_tars", read=False)
-        return ShardAccumulator(shard_id, status, tar_url, dest, keep_samples=keep)
+        rows = {row["key"]: row for row in status.to_pylist()}
+        return ShardAccumulator(shard_id, rows, tar_url, dest, keep_samples=keep, status_schema=status.schema)
 
     def _read(self, shard_ids: Iterable[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:
         """Stream each tar into chunks of one batch; a shard's failure ends that shard only."""

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq import settings
@@ -91,6 +92,11 @@ def refuse_other_version(dest: str, provenance: dict) -> None:
 
 def status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
     """The img2dataset status parquet of the shard, by key (CorruptShardError if unreadable)."""
+    return {row["key"]: row for row in status_table(layout, shard_id).to_pylist()}
+
+
+def status_table(layout: StorageLayout, shard_id: int) -> pa.Table:
+    """The img2dataset status parquet of the shard (CorruptShardError if unreadable or lacking key/status)."""
     url = layout.image_status(shard_id)
     require_upstream(url, "image_tars", read=False)
     try:
@@ -99,7 +105,7 @@ def status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
         raise CorruptShardError(f"{url}: unreadable img2dataset status parquet: {err}") from err
     if "key" not in table.column_names or "status" not in table.column_names:
         raise CorruptShardError(f"{url}: status parquet lacks key/status columns: {table.column_names}")
-    return {row["key"]: row for row in table.to_pylist()}
+    return table
 
 
 @dataclass
@@ -120,6 +126,8 @@ class ShardAccumulator:
     undecodable_keys: list[str] = field(default_factory=list)
     tar_keys: set[str] = field(default_factory=set)
     encode_seconds: float = 0.0
+    #: the status parquet's schema: its source columns (every column of the metadata) ride into the codes
+    status_schema: pa.Schema | None = None
 
     @property
     def success_keys(self) -> set[str]:
@@ -160,8 +168,8 @@ def publish_shard(acc: ShardAccumulator, spec: CodeSpec, tar_error: str | None, 
         )
     grid = spec.grid
     all_codes = np.concatenate(acc.codes) if acc.codes else np.zeros((0, grid, grid), np.int16)
-    table = build_codes_table(acc.keys, all_codes, acc.status, acc.image_sha256)
-    report = check_codes_table(table, acc.shard_id, grid, spec.n_embed)
+    table = build_codes_table(acc.keys, all_codes, acc.status, acc.image_sha256, source_schema=acc.status_schema)
+    report = check_codes_table(table, acc.shard_id, grid, spec.n_embed, required=table.schema.names)
     if not report.ok:
         raise CorruptShardError(f"shard {acc.shard_id:05d}: encoded output breaks the contract: {report.problems}")
     file_meta = {

@@ -38,6 +38,7 @@ from laion_vq.removals.plan import REMOVED, Match, RemovalPlan
 from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.codes import write_codes_parquet
 from laion_vq.shards.numbering import parse_shard_key
+from laion_vq.shards.schema import FILTERED_STATUS as FILTERED
 from laion_vq.shards.storage import StorageLayout, exists, filesystem, is_local, publish_bytes, publish_file, read_bytes
 
 #: Status columns cleared on a removed row: they could lead back to the removed content.
@@ -202,12 +203,16 @@ def recount_stats(stats: dict, status: pa.Table) -> dict:
     states = Counter(row["status"] for row in rows)
     out = dict(stats)
     out.update(count=len(rows), successes=states["success"], removed=states[REMOVED])
+    if states[FILTERED] or FILTERED in stats:
+        out[FILTERED] = states[FILTERED]
     out.update({name: states[name] for name in FAILED})
     failed = [row for row in rows if row["status"] in FAILED]
     if "status_dict" in stats:
         counts = Counter(row.get("error_message") for row in failed)
         out["status_dict"] = {"success": states["success"], **{str(k): v for k, v in counts.items()}}
         out["status_dict"][REMOVED] = states[REMOVED]
+        if states[FILTERED]:
+            out["status_dict"][FILTERED] = states[FILTERED]
     by_reason = Counter(row.get("failure_reason") or row["status"] for row in failed)
     examples: dict[str, list[str]] = {}
     for row in failed:

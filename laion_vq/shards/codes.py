@@ -20,7 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.shards.numbering import shard_key
-from laion_vq.shards.schema import CODE_DTYPE, CODES_SCHEMA, CODES_SCHEMA_REQUIRED, OPTIONAL_CODE_COLUMNS
+from laion_vq.shards.schema import (
+    CODE_DTYPE,
+    CODES_SCHEMA,
+    CODES_SCHEMA_REQUIRED,
+    OPTIONAL_CODE_COLUMNS,
+    codes_schema,
+)
 from laion_vq.shards.storage import filesystem, publish_file
 
 
@@ -29,14 +35,20 @@ def build_codes_table(
     codes: np.ndarray,
     meta: Mapping[str, Mapping[str, object]],
     image_sha256: Sequence[str] | None = None,
+    source_schema: pa.Schema | None = None,
 ) -> pa.Table:
-    """Rows sorted by key; `meta[key]` holds the sample's img2dataset row (caption, url, LAION columns);
-    `image_sha256[i]` the hex sha256 of image i's JPEG bytes (without it: the older layout, no such column)."""
+    """Rows sorted by key; `meta[key]` holds the sample's img2dataset row (caption, url, source columns);
+    `image_sha256[i]` the hex sha256 of image i's JPEG bytes (without it: the older layout, no such column).
+    `source_schema` is the status parquet's schema: every source column in it is kept (`codes_schema`);
+    without it, LAION-400M's columns (CODES_SCHEMA)."""
     if len(keys) != len(codes):
         raise ValueError(f"{len(keys)} keys but {len(codes)} code grids")
     if image_sha256 is not None and len(image_sha256) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(image_sha256)} image hashes")
-    schema = CODES_SCHEMA if image_sha256 is not None else CODES_SCHEMA_REQUIRED
+    if source_schema is not None:
+        schema = codes_schema(source_schema, with_image_sha256=image_sha256 is not None)
+    else:
+        schema = CODES_SCHEMA if image_sha256 is not None else CODES_SCHEMA_REQUIRED
     order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.array([], dtype=int)
     little = np.ascontiguousarray(codes.astype(CODE_DTYPE, copy=False))
     columns: dict[str, list] = {name: [] for name in schema.names}
@@ -107,15 +119,18 @@ class ContractReport:
         self.failures.append((reason, detail))
 
 
-def check_codes_table(table: pa.Table, shard_id: int, grid: int, n_embed: int) -> ContractReport:
+def check_codes_table(
+    table: pa.Table, shard_id: int, grid: int, n_embed: int, required: Sequence[str] | None = None
+) -> ContractReport:
     """Check shape, dtype, code range, keys (unique, sorted, of this shard), image hashes and schema.
 
-    Every CODES_SCHEMA column is required except `OPTIONAL_CODE_COLUMNS`, which older files lack;
-    `image_sha256`, when present, must be 64 lowercase hex characters on every row."""
+    `required` are the columns the file must hold (for a source other than LAION-400M: the core columns and
+    the source's, from its status parquet); by default every CODES_SCHEMA column, except
+    `OPTIONAL_CODE_COLUMNS`, which older files lack. `image_sha256`, when present, must be 64 lowercase hex
+    characters on every row."""
     report = ContractReport(rows=table.num_rows)
-    missing = [
-        name for name in CODES_SCHEMA.names if name not in table.column_names and name not in OPTIONAL_CODE_COLUMNS
-    ]
+    wanted = CODES_SCHEMA.names if required is None else list(required)
+    missing = [name for name in wanted if name not in table.column_names and name not in OPTIONAL_CODE_COLUMNS]
     if missing:
         report.fail("missing columns", f"missing columns {missing}")
         return report

@@ -1,9 +1,14 @@
-"""Cut LAION metadata into shards the way img2dataset numbers them, reading only what a shard needs.
+"""Cut image-text metadata into shards the way img2dataset numbers them, reading only what a shard needs.
 
 img2dataset sorts the part files, cuts each part on its own into `ceil(rows / S)` shards (the last one
 partial) and keeps counting into the next part. We reproduce that numbering from the parquet footers
 alone (row counts and row-group sizes), then read just the row groups that overlap one shard: a shard
-of a 1 GB part costs one or two row groups, not the part.
+of a 1 GB part costs one or two row groups, not the part. A text part (CSV/TSV/JSON lines) is indexed once
+(`text_index`: the byte offset of each shard's first row, stored beside the metadata shards) and then read
+the same way: only its shard's bytes.
+
+Every column of the source is kept with its type. A LAION-400M part keeps exactly LAION's columns and types
+first (`LAION_SCHEMA`, the seed dataset's layout), then anything else it carries.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_vq.shards.schema import LAION_SCHEMA, SchemaError, conform_laion_table
+from laion_vq.shards.sources import DEFAULT_PRESET, PARQUET, SourceFormat, preset
 from laion_vq.shards.storage import filesystem
 
 
@@ -49,21 +55,22 @@ class ShardSlice:
         return self.stop - self.start
 
 
-def resolve_parts(source: str) -> list[str]:
-    """Part files for a parquet file, a folder of parts or a glob, sorted as img2dataset sorts them."""
+def resolve_parts(source: str, input_format: str = PARQUET) -> list[str]:
+    """Part files for one file, a folder of parts (`*.<input_format>`, as img2dataset globs) or a glob, sorted
+    as img2dataset sorts them."""
     fs, path = filesystem(source)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     if globlib.has_magic(path):
         paths = sorted(fs.glob(path))
     elif fs.isdir(path):
-        paths = sorted(fs.glob(path.rstrip("/") + "/*.parquet"))
+        paths = sorted(fs.glob(path.rstrip("/") + f"/*.{input_format}"))
     elif fs.exists(path):
         paths = [path]
     else:
-        raise FileNotFoundError(f"LAION metadata source {source!r} does not exist")
+        raise FileNotFoundError(f"metadata source {source!r} does not exist")
     if not paths:
-        raise FileNotFoundError(f"LAION metadata source {source!r} matches no parquet files")
+        raise FileNotFoundError(f"metadata source {source!r} matches no {input_format} files")
     return [prefix + p for p in paths]
 
 
@@ -82,18 +89,57 @@ def read_footer(url: str) -> PartFile:
     )
 
 
-class LaionMetadata:
-    """The metadata parts behind one source, indexed into shards of `samples_per_shard` rows."""
+class NotIndexed(LookupError):
+    """A text source whose row-offset index has not been built yet (and the caller asked not to build it)."""
 
-    def __init__(self, source: str, samples_per_shard: int) -> None:
+
+class LaionMetadata:
+    """The metadata parts behind one source, indexed into shards of `samples_per_shard` rows.
+
+    `source_format` says which columns hold URL and caption and the file format (default: LAION-400M parquet);
+    `index_dir` is where text parts' row-offset indexes live (the storage's `metadata/_index`); with
+    `build_index=False` a text part without an index raises NotIndexed instead of being scanned."""
+
+    def __init__(
+        self,
+        source: str,
+        samples_per_shard: int,
+        source_format: SourceFormat | None = None,
+        index_dir: str | None = None,
+        build_index: bool = True,
+    ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be ≥ 1, got {samples_per_shard}")
         self.source = source
         self.samples_per_shard = samples_per_shard
+        self.format = source_format or preset(DEFAULT_PRESET)
+        self.index_dir = index_dir
+        self.build_index = build_index
+        self._text_indexes: dict[str, object] = {}
 
     @cached_property
     def parts(self) -> list[PartFile]:
-        return [read_footer(url) for url in resolve_parts(self.source)]
+        urls = resolve_parts(self.source, self.format.input_format)
+        if self.format.input_format == PARQUET:
+            return [read_footer(url) for url in urls]
+        return [self._text_part(url) for url in urls]
+
+    def _text_part(self, url: str) -> PartFile:
+        from laion_vq.shards import text_index
+
+        if self.index_dir is None:
+            raise ValueError(f"{url}: a {self.format.input_format} source needs an index folder (index_dir)")
+        names = None if self.format.header else list(self.format.column_names)
+        if not self.build_index:
+            index = text_index.load_index(url, self.format.input_format, self.samples_per_shard, self.index_dir)
+            if index is None:
+                raise NotIndexed(f"{url} has no row-offset index yet: the metadata step builds it")
+        else:
+            index = text_index.load_or_build_index(
+                url, self.format.input_format, self.samples_per_shard, self.index_dir, column_names=names
+            )
+        self._text_indexes[url] = index
+        return PartFile(url=url, num_rows=index.num_rows, row_group_rows=(), columns=tuple(index.schema.names))
 
     @cached_property
     def _first_shard_of_part(self) -> list[int]:
@@ -126,15 +172,45 @@ class LaionMetadata:
         return ShardSlice(shard_id, part, start, min(start + self.samples_per_shard, part.num_rows))
 
     def read_shard(self, shard_id: int) -> pa.Table:
-        """The shard's rows in LAION_SCHEMA, reading only the overlapping row groups."""
+        """The shard's rows, every column of the source with its type, reading only the shard's rows."""
         where = self.locate(shard_id)
         part = where.part
-        missing = [c for c in ("URL", "TEXT") if c not in part.columns]
+        url_column, caption_column = self.format.url_column, self.format.caption_column
+        missing = [c for c in (url_column, caption_column) if c not in part.columns]
         if missing:
             raise SchemaError(
-                f"{part.url}: missing required LAION column(s) {missing}; columns present: {list(part.columns)}"
+                f"{part.url}: missing the URL/caption column(s) {missing} of metadata format {self.format.name!r}; "
+                f"columns present: {list(part.columns)} (set LAION_VQ_METADATA_FORMAT, or LAION_VQ_URL_COLUMN and "
+                "LAION_VQ_CAPTION_COLUMN)"
             )
-        wanted = [name for name in LAION_SCHEMA.names if name in part.columns]
+        if self.format.input_format == PARQUET:
+            table = self._read_parquet_rows(where)
+        else:
+            from laion_vq.shards import text_index
+
+            index = self._text_indexes[part.url]
+            local = where.start // self.samples_per_shard
+            table = text_index.read_text_rows(index, local)  # type: ignore[arg-type]
+            if table.num_rows != where.num_rows:
+                raise SchemaError(
+                    f"{part.url} (shard {shard_id:05d}): read {table.num_rows} rows where its index says "
+                    f"{where.num_rows}: the file changed since it was indexed"
+                )
+        source = f"{part.url} (shard {shard_id:05d})"
+        url_type = table.schema.field(url_column).type
+        if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
+            raise SchemaError(f"{source}: URL column {url_column!r} must hold strings, got {url_type}")
+        if self.format.name == DEFAULT_PRESET and (url_column, caption_column) == ("URL", "TEXT"):
+            # the seed dataset's layout: LAION's columns and types first, then whatever else the part holds
+            rest = [name for name in table.column_names if name not in LAION_SCHEMA.names]
+            laion = conform_laion_table(table, source)
+            return pa.Table.from_arrays(
+                [*laion.columns, *(table.column(n) for n in rest)], names=[*laion.column_names, *rest]
+            )
+        return table
+
+    def _read_parquet_rows(self, where: ShardSlice) -> pa.Table:
+        part = where.part
         groups, offset, first_row = [], 0, None
         for index, rows in enumerate(part.row_group_rows):
             if offset < where.stop and offset + rows > where.start:
@@ -144,6 +220,5 @@ class LaionMetadata:
             offset += rows
         fs, path = filesystem(part.url)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_groups(groups, columns=wanted)
-        table = table.slice(where.start - (first_row or 0), where.num_rows)
-        return conform_laion_table(table, f"{part.url} (shard {shard_id:05d})")
+            table = pq.ParquetFile(f).read_row_groups(groups)
+        return table.slice(where.start - (first_row or 0), where.num_rows)

@@ -51,11 +51,48 @@ CODES_SCHEMA = pa.schema(
 OPTIONAL_CODE_COLUMNS = ("image_sha256",)
 #: The schema of a code parquet without the optional columns (an older file, or a table built without them).
 CODES_SCHEMA_REQUIRED = pa.schema([f for f in CODES_SCHEMA if f.name not in OPTIONAL_CODE_COLUMNS])
+#: What every code parquet holds whatever its source: the rest follows the source's columns.
+CORE_CODE_COLUMNS = ("key", "code", "caption", "url")
+
+#: Status-parquet columns that describe the download (img2dataset's, then ours), not the source: they stay in
+#: the status parquet. Every other status column is a source column (a reserved name kept as `source_<name>`)
+#: and rides into the code parquet.
+DOWNLOAD_COLUMNS = frozenset(
+    {
+        "key",
+        "caption",
+        "url",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+        "failure_reason",
+        "jpg_sha256",
+    }
+)
+
+
+def codes_schema(status_schema: pa.Schema, with_image_sha256: bool = True) -> pa.Schema:
+    """The code parquet's schema for a shard whose status parquet has `status_schema`: key, code, caption and
+    url, then every source column with its type, in source order, then `image_sha256`. For a LAION-400M shard
+    this is CODES_SCHEMA (the seed's layout)."""
+    core = [f for f in CODES_SCHEMA if f.name in CORE_CODE_COLUMNS]
+    source = [pa.field(f.name, f.type) for f in status_schema if f.name not in DOWNLOAD_COLUMNS]
+    tail = [CODES_SCHEMA.field("image_sha256")] if with_image_sha256 else []
+    return pa.schema([*core, *source, *tail])
 
 
 #: Status of a status-parquet row a removal list took out (never downloaded, or removed after): one home for
 #: the download stage, the removal lists and the audits.
 REMOVED_STATUS = "removed"
+#: Status of a status-parquet row the metadata's filter (`LAION_VQ_FILTER`) rejected: never requested.
+FILTERED_STATUS = "filtered"
 
 
 class SchemaError(ValueError):

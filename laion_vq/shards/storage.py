@@ -49,6 +49,10 @@ class StorageLayout:
     def metadata_shard(self, shard_id: int) -> str:
         return self._join("metadata", f"{shard_key(shard_id)}.parquet")
 
+    def metadata_index_dir(self) -> str:
+        """Row-offset indexes of text metadata sources (`shards/text_index.py`), built once, read per shard."""
+        return self._join("metadata", "_index")
+
     def images_dir(self) -> str:
         return self._join("images")
 

@@ -7,7 +7,6 @@ download processes that died are cleaned up by the next download. Rows and image
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -19,12 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
 from laion_vq import settings
 from laion_vq.removals.lists import RemovalList
-from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes, require_upstream
+from laion_vq.stages.metadata import read_metadata_shard
 
 
 @dataclass
@@ -48,6 +45,8 @@ class ImageShardResult:
     #: failed_to_download + failed_to_resize + removed; `failures_by_reason` holds no removals
     removed: int = 0
     removed_by_reason: dict[str, int] = field(default_factory=dict)
+    #: rows the metadata's filter rejected (never requested): rows = … + removed + filtered
+    filtered: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -56,8 +55,8 @@ class ImageShardResult:
 
     @property
     def requested_rows(self) -> int:
-        """Rows not taken out by a removal list: what the download's health is judged on."""
-        return self.rows - self.removed
+        """Rows not taken out by a removal list or the filter: what the download's health is judged on."""
+        return self.rows - self.removed - self.filtered
 
 
 def _rate(successes: int, rows: int) -> float:
@@ -69,14 +68,15 @@ class WorseDownloadError(RuntimeError):
 
 
 def _stored_counts(layout: StorageLayout, shard_id: int) -> tuple[int, int, int] | None:
-    """(successes, rows, removed) of the shard already on storage, from its stats json; None if there is
-    none. A stats json from before removal lists has no `removed`: 0."""
+    """(successes, rows, removed or filtered) of the shard already on storage, from its stats json; None if
+    there is none. A stats json from before removal lists or filters has no such counts: 0."""
     url = layout.image_stats(shard_id)
     if not exists(url):
         return None
     try:
         stats = json.loads(read_bytes(url))
-        return int(stats["successes"]), int(stats["count"]), int(stats.get("removed", 0))
+        left_out = int(stats.get("removed", 0)) + int(stats.get("filtered", 0))
+        return int(stats["successes"]), int(stats["count"]), left_out
     except (ValueError, KeyError, TypeError):
         return None  # an unreadable record protects nothing; the audit reports it
 
@@ -188,13 +188,14 @@ def download_image_shard(
     from laion_vq.download import DownloadOptions, download_shard
 
     remove_stale_scratch()
-    rows = pq.read_table(io.BytesIO(require_upstream(layout.metadata_shard(shard_id), "raw_metadata_shards")))
+    rows, source = read_metadata_shard(require_upstream(layout.metadata_shard(shard_id), "raw_metadata_shards"))
+    url_column, caption_column = source.url_column, source.caption_column
     if removal_lists:
         from laion_vq.download.img2dataset_shard import expected_key
         from laion_vq.removals.downloads import download_exclusions
 
         keys = [expected_key(shard_id, index, samples_per_shard) for index in range(rows.num_rows)]
-        listed_rows, listed_hashes = download_exclusions(removal_lists, rows, keys, URL_COLUMN)
+        listed_rows, listed_hashes = download_exclusions(removal_lists, rows, keys, url_column)
         removed_rows = {**listed_rows, **(removed_rows or {})}
         removed_hashes = {**listed_hashes, **(removed_hashes or {})}
     start = time.perf_counter()
@@ -207,12 +208,15 @@ def download_image_shard(
             shard_id,
             scratch,
             samples_per_shard=samples_per_shard,
-            url_col=URL_COLUMN,
-            caption_col=CAPTION_COLUMN,
-            additional_columns=EXTRA_COLUMNS,
+            url_col=url_column,
+            caption_col=caption_column,
+            additional_columns=[c for c in rows.column_names if c not in (url_column, caption_column)],
             options=options or DownloadOptions(),
             removed_rows=removed_rows,
             removed_hashes=removed_hashes,
+            filtered_rows=dict.fromkeys(source.filtered_rows, source.filter or "filtered"),
+            hash_col=source.hash_column,
+            hash_type=source.hash_type,
         )
         previous = _stored_counts(layout, shard_id)
         summary = ImageShardResult(
@@ -231,6 +235,7 @@ def download_image_shard(
             previous_success_rate=previous[0] / previous[1] if previous and previous[1] else None,
             removed=result.removed,
             removed_by_reason=result.removed_by_reason,
+            filtered=result.filtered,
         )
         if not replace_worse:
             requested = None if previous is None else (previous[0], previous[1] - previous[2])
