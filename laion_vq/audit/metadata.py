@@ -1,5 +1,5 @@
 """raw_metadata_shards: the shard has the rows it should (samples per shard, or the partial last shard),
-the LAION columns a download needs, and a URL on every row."""
+the URL and caption columns its source format names (recorded in the shard), and a URL on every row."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from laion_vq.audit.verdict import ShardVerdict
 from laion_vq.download.img2dataset_shard import expected_key
 from laion_vq.shards.numbering import parse_shard_key
-from laion_vq.shards.schema import REQUIRED_COLUMNS, URL_COLUMN
 from laion_vq.shards.storage import StorageLayout, exists, read_bytes
+from laion_vq.stages.metadata import ShardSource
 
 
 def audit_metadata_shard(
@@ -34,11 +34,14 @@ def audit_metadata_shard(
     verdict.counts["rows"] = table.num_rows
     if expected_rows is not None and table.num_rows != expected_rows:
         verdict.error("row count mismatch", f"{table.num_rows} rows, the LAION parts give this shard {expected_rows}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    source = ShardSource.from_schema(table.schema)
+    if source.filtered_rows:
+        verdict.counts["filtered"] = len(source.filtered_rows)
+    missing = [c for c in (source.url_column, source.caption_column) if c not in table.column_names]
     if missing:
         verdict.error("missing columns", f"required column(s) {missing} missing; has {table.column_names}")
         return verdict
-    urls = table.column(URL_COLUMN)
+    urls = table.column(source.url_column)
     nulls = pc.is_null(urls)
     empty = pc.equal(pc.utf8_length(pc.fill_null(urls, "")), 0)
     bad = pc.or_(nulls, empty)

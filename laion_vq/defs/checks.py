@@ -21,7 +21,6 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # the target that makes a partition's result current
 )
 
-from laion_vq import settings
 from laion_vq.audit import (
     MIN_SUCCESS_RATE,
     ShardVerdict,
@@ -191,7 +190,7 @@ def raw_metadata_shards_valid(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
 ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     layout = storage.existing_layout()
-    source = metadata.open()
+    source = metadata.open(layout)
 
     def expected_rows(shard: int) -> int | None:
         try:
@@ -254,7 +253,7 @@ def code_parquets_contract(
 ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     layout = storage.existing_layout()
     config = encoder.vqgan_config()
-    grid = config.code_grid(settings.IMAGE_SIZE)
+    grid = config.code_grid(encoder.image_size)
     folder = encoder.codes_folder
     keys = _shards_to_audit(context, CODES_CHECK.asset_key, layout.codes_dir(folder))
     yield from evaluate_shards(

@@ -6,22 +6,29 @@ from __future__ import annotations
 import dagster as dg
 
 from laion_vq import settings
-from laion_vq.shards.metadata import LaionMetadata
+from laion_vq.shards.metadata import LaionMetadata, NotIndexed
 from laion_vq.shards.numbering import shard_keys
-from laion_vq.shards.storage import is_local
+from laion_vq.shards.sources import DEFAULT_PRESET, preset
+from laion_vq.shards.storage import StorageLayout, is_local
 
 
 def partition_count() -> int:
     """`LAION_VQ_NUM_SHARDS`, capped at the shards a local metadata source makes (read from its parquet footers
-    only). A remote source is not read at import (every run worker imports this); an unreadable one is the
-    metadata step's error to report, not the code location's."""
+    only, or a text source's stored index: a text file not indexed yet is not scanned at import). A remote
+    source is not read at import (every run worker imports this); an unreadable one is the metadata step's
+    error to report, not the code location's."""
     limit = settings.NUM_SHARDS.get_int()
     source = settings.METADATA.get_str() or ""
     if not is_local(source):
         return limit
     try:
-        available = LaionMetadata(source, settings.SAMPLES_PER_SHARD.get_int()).num_shards
-    except (OSError, ValueError):
+        fmt = preset(settings.METADATA_FORMAT.get_str() or DEFAULT_PRESET).with_overrides(
+            input_format=settings.INPUT_FORMAT.get_str()
+        )
+        index_dir = StorageLayout(settings.STORAGE.get_str() or ".").metadata_index_dir()
+        laion = LaionMetadata(source, settings.SAMPLES_PER_SHARD.get_int(), fmt, index_dir, build_index=False)
+        available = laion.num_shards
+    except (OSError, ValueError, NotIndexed):
         return limit
     return min(limit, available) if available > 0 else limit
 

@@ -11,7 +11,6 @@ import time
 import dagster as dg
 import pyarrow.parquet as pq
 
-from laion_vq import settings
 from laion_vq.audit import audit_code_shard, audit_image_shard
 from laion_vq.defs.check_state import (
     CODES_CHECK,
@@ -161,7 +160,7 @@ def apply_removals_op(
     audited = [IMAGES_CHECK, REMOVED_IMAGES_CHECK, CODES_CHECK, REMOVED_CODES_CHECK]
     folder = encoder.codes_folder
     if shards:
-        grid, n_embed = encoder.vqgan_config().code_grid(settings.IMAGE_SIZE), encoder.vqgan_config().n_embed
+        grid, n_embed = encoder.vqgan_config().code_grid(encoder.image_size), encoder.vqgan_config().n_embed
         audits = {
             IMAGES_CHECK: lambda key: audit_image_shard(layout, key),
             CODES_CHECK: lambda key: audit_code_shard(layout, folder, key, grid, n_embed),

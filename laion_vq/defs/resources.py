@@ -66,23 +66,57 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class LaionMetadataResource(dg.ConfigurableResource):
-    """The LAION metadata parts and how many samples make a shard."""
+    """The metadata parts, their layout (`format`: a preset of `laion_vq/shards/sources.py`, with the URL and
+    caption columns and the file format overridable), how many samples make a shard, and the filter rows must
+    pass (`row_filter`, a SQL predicate; empty: none)."""
 
     source: str
     samples_per_shard: int = settings.SAMPLES_PER_SHARD.default  # type: ignore[assignment]
+    format: str = settings.METADATA_FORMAT.default  # type: ignore[assignment]
+    url_column: str | None = None
+    caption_column: str | None = None
+    input_format: str | None = None
+    row_filter: str | None = None
 
-    def open(self) -> LaionMetadata:
-        """The source with its parts resolved: a source that is not there fails once, naming the setting,
-        before any shard is worked on or audited."""
-        laion = LaionMetadata(_absolute(self.source), self.samples_per_shard)
+    def source_format(self):
+        """The preset with the operator's overrides; an unknown preset or file format fails naming the setting."""
+        from laion_vq.shards.sources import preset
+
+        try:
+            return preset(self.format).with_overrides(self.url_column, self.caption_column, self.input_format)
+        except ValueError as err:
+            raise dg.Failure(
+                description=f"{err} ({settings.METADATA_FORMAT.env}, {settings.INPUT_FORMAT.env})"
+                + _where_settings_come_from()
+            ) from err
+
+    def open(self, layout: StorageLayout) -> LaionMetadata:
+        """The source with its parts resolved (a text source indexed, once, under the storage's
+        `metadata/_index`): a source that is not there fails once, naming the setting, before any shard is
+        worked on or audited."""
+        laion = LaionMetadata(
+            _absolute(self.source), self.samples_per_shard, self.source_format(), layout.metadata_index_dir()
+        )
         try:
             laion.parts  # noqa: B018 - resolve the parts now
         except FileNotFoundError as err:
             raise dg.Failure(
                 description=f"{err}: {settings.METADATA.env} (the `metadata` resource's `source`) must name the "
-                "LAION metadata parquet, a folder of parts or a glob" + _where_settings_come_from()
+                "metadata file, a folder of parts or a glob" + _where_settings_come_from()
             ) from err
         return laion
+
+    def checked_filter(self, laion: LaionMetadata) -> str | None:
+        """The filter, tried once on the source's columns: a typo fails the step before any shard is cut."""
+        if not self.row_filter:
+            return None
+        from laion_vq.stages.metadata import FilterError, check_filter
+
+        try:
+            check_filter(self.row_filter, laion.read_shard(0).schema)
+        except FilterError as err:
+            raise dg.Failure(description=f"{settings.FILTER.env}: {err}" + _where_settings_come_from()) from err
+        return self.row_filter
 
 
 class DownloaderResource(dg.ConfigurableResource):
@@ -103,8 +137,8 @@ class DownloaderResource(dg.ConfigurableResource):
     allow_networks: str | None = None  # None: LAION_VQ_DOWNLOAD_ALLOW_NETWORKS, read where the download runs
     min_rate_ratio: float = float(settings.DOWNLOAD_MIN_RATE_RATIO.default)  # type: ignore[arg-type]
     replace_worse: bool = False
-    image_size: int = settings.IMAGE_SIZE
-    resize_mode: str = settings.RESIZE_MODE
+    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
+    resize_mode: str = settings.RESIZE_MODE.default  # type: ignore[assignment]
     encode_quality: int = settings.ENCODE_QUALITY
     _watch: Any = PrivateAttr(default=None)
 
@@ -151,6 +185,8 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
     codes_name: str | None = None
     replace_codes: bool = False
+    #: the side of the downloaded images (`LAION_VQ_IMAGE_SIZE`, the downloader's too): the code grid is it ÷ f
+    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
     _loaded: Any = PrivateAttr(default=None)
     _checkpoint_sha256: str | None = PrivateAttr(default=None)
     _random_weights: bool | None = PrivateAttr(default=None)
@@ -202,16 +238,36 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             raise dg.Failure(description=f"{settings.INDEX_RULE.env}: {err}") from err
         return self.index_rule
 
+    def model_yaml(self) -> str | None:
+        """The model YAML the architecture came from (`auto`, an explicit YAML, or one checked beside the
+        checkpoint); None for a registry model with no YAML beside its checkpoint."""
+        from laion_vq.vqgan.model_yaml import checkpoint_yaml
+
+        model = (self.model or "").strip()
+        if model.endswith((".yaml", ".yml")):
+            return _absolute(model)
+        return checkpoint_yaml(_absolute(self.checkpoint)) if self.checkpoint else None
+
     def provenance(self) -> dict:
-        """What made a code parquet: stored in its key-value metadata and shown on its partition's page."""
+        """What made a code parquet: stored in its key-value metadata and shown on its partition's page. `model`
+        is the model resolved (with `auto`, the one its YAML describes), `model_setting` what was asked for.
+        `image_size`, `resize_mode` and `filter` are the dataset's: a change makes another version."""
+        from laion_vq.shards.storage import sha256_of
+
+        yaml = self.model_yaml()
         return {
-            "model": self.model,
+            "model": self.vqgan_config().name,
+            "model_setting": self.model,
+            **({"model_yaml": yaml, "model_yaml_sha256": sha256_of(yaml)} if yaml else {}),
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256(),
             "index_rule": self.checked_index_rule(),
             "encode_mode": self.checked_mode(),
             "dtype": self.dtype,
             "random_weights": self.random_weights(),
+            "image_size": self.image_size,
+            "resize_mode": settings.RESIZE_MODE.get_str(),
+            "filter": settings.FILTER.get_str(),
         }
 
     def resolved_device(self) -> str:
@@ -280,7 +336,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
                 description=f"{settings.DECODE_DEVICE.env} must be auto or cpu, got {self.decode_device!r}"
             )
         device = self.resolved_device() if self.decode_device == "auto" else "cpu"
-        return ImageDecoder(settings.IMAGE_SIZE, device, cpu_workers=self.decode_workers or None)
+        return ImageDecoder(self.image_size, device, cpu_workers=self.decode_workers or None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._watch = _start_pool_watch(context)
@@ -304,6 +360,11 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "metadata": LaionMetadataResource(
             source=_from_env(settings.METADATA),
             samples_per_shard=_from_env(settings.SAMPLES_PER_SHARD, as_int=True),
+            format=_from_env(settings.METADATA_FORMAT),
+            url_column=_from_env(settings.URL_COLUMN),
+            caption_column=_from_env(settings.CAPTION_COLUMN),
+            input_format=_from_env(settings.INPUT_FORMAT),
+            row_filter=_from_env(settings.FILTER),
         ),
         "downloader": DownloaderResource(
             thread_count=_from_env(settings.DOWNLOAD_THREADS, as_int=True),
@@ -316,6 +377,8 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS) or None,
             min_rate_ratio=settings.DOWNLOAD_MIN_RATE_RATIO.get_float(),
             replace_worse=bool(settings.DOWNLOAD_REPLACE_WORSE.get_int()),
+            image_size=_from_env(settings.IMAGE_SIZE, as_int=True),
+            resize_mode=_from_env(settings.RESIZE_MODE),
         ),
         "encoder": VQGANEncoderResource(
             model=_from_env(settings.MODEL),
@@ -330,5 +393,6 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
             codes_name=_from_env(settings.CODES_NAME),
             replace_codes=bool(settings.REPLACE_CODES.get_int()),
+            image_size=_from_env(settings.IMAGE_SIZE, as_int=True),
         ),
     }

@@ -53,7 +53,7 @@ class CodeSpec:
     model_name: str
     grid: int
     n_embed: int
-    image_size: int = settings.IMAGE_SIZE
+    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
     codes_name: str | None = None
     provenance: dict = field(default_factory=dict)
     replace_other_versions: bool = False
@@ -67,7 +67,7 @@ class CodesVersionError(RuntimeError):
 
 
 #: What makes codes differ: re-encoding with any of these changed is a new version of the dataset.
-VERSION_KEYS = ("checkpoint_sha256", "dtype", "encode_mode", "index_rule")
+VERSION_KEYS = ("checkpoint_sha256", "dtype", "encode_mode", "index_rule", "image_size", "resize_mode", "filter")
 
 
 def refuse_other_version(dest: str, provenance: dict) -> None:

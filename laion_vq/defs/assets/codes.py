@@ -94,6 +94,10 @@ def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
         "encode_mode": encoder.mode,
         "index_rule": provenance["index_rule"],
         "random_weights": provenance["random_weights"],
+        "image_size": provenance["image_size"],
+        "grid": encoder.vqgan_config().code_grid(encoder.image_size),
+        **({"filter": provenance["filter"]} if provenance["filter"] else {}),
+        **({"model_yaml_sha256": provenance["model_yaml_sha256"]} if "model_yaml_sha256" in provenance else {}),
     }
     if provenance["random_weights"]:
         # short lines: the metadata table cuts a long cell at its edge
@@ -141,7 +145,7 @@ def code_parquets(
     started = time.perf_counter()
     engine = encoder.engine(log=context.log.info)
     context.log.info(
-        f"loaded {encoder.model} from {encoder.checkpoint} on {encoder.resolved_device()} in "
+        f"loaded {config.name} ({encoder.model}) from {encoder.checkpoint} on {encoder.resolved_device()} in "
         f"{time.perf_counter() - started:.1f}s: mode {engine.mode}, batch {engine.batch_size}, index rule "
         f"{index_rule}; encoding {len(context.partition_keys)} shard(s)"
     )
@@ -152,9 +156,9 @@ def code_parquets(
     excluded = read_exclusions(layout)
     spec = CodeSpec(
         model_name=config.name,
-        grid=config.code_grid(settings.IMAGE_SIZE),
+        grid=config.code_grid(encoder.image_size),
         n_embed=config.n_embed,
-        image_size=settings.IMAGE_SIZE,
+        image_size=encoder.image_size,
         codes_name=encoder.codes_folder,
         provenance=provenance,
         replace_other_versions=encoder.replace_codes,

@@ -21,6 +21,7 @@ def _metadata(result: MetadataShardResult) -> dict:
         "source_rows": f"[{result.source_rows[0]}, {result.source_rows[1]})",
         "bytes": result.bytes,
         "seconds": round(result.seconds, 3),
+        **({"filtered": result.filtered} if result.filtered else {}),
     }
 
 
@@ -39,7 +40,8 @@ def _metadata(result: MetadataShardResult) -> dict:
 def raw_metadata_shards(
     context: dg.AssetExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
 ) -> None:
-    laion = metadata.open()
     layout = storage.layout
+    laion = metadata.open(layout)
+    row_filter = metadata.checked_filter(laion)
     excluded = read_exclusions(layout)
-    for_each_shard(context, lambda shard: write_metadata_shard(laion, layout, shard), _metadata, excluded)
+    for_each_shard(context, lambda shard: write_metadata_shard(laion, layout, shard, row_filter), _metadata, excluded)
