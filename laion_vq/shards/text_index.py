@@ -362,6 +362,8 @@ def _infer_schema(
         else:
             if not sample.strip(b"\r\n"):
                 return pa.schema([(name, pa.string()) for name in column_names or ()])
+            if not sample.endswith((b"\n", b"\r")):
+                sample += b"\n"  # pyarrow reads a lone header without a line end as an empty file
             table = pacsv.read_csv(
                 pa.BufferReader(sample),
                 read_options=pacsv.ReadOptions(column_names=list(column_names) if column_names else None),
