@@ -125,7 +125,7 @@ def test_prose_names_what_is_left_out_and_the_provenance(folder):
         assert fact in text
     assert PROVENANCE["checkpoint"] not in text  # a published card names no local path or private bucket
     assert 'np.frombuffer(row["code"], np.int16).reshape(32, 32)' in text
-    assert "Licence columns: `LICENSE`, `NSFW`" in text and "CC-BY 4.0" in text
+    assert "Licence and safety columns: `LICENSE`, `NSFW`" in text and "CC-BY 4.0" in text
     assert "Included: 2 of 10 shards (`00000`–`00001`)" in text
     assert "7 in the metadata, 5 downloaded (71.43%), 5 encoded" in text  # shards 00000 (3 of 4), 00001 (2 of 3)
     assert "lowest 66.7%, median 70.8%, highest 75.0%" in text
@@ -154,3 +154,33 @@ def test_the_cards_snippet_loads_the_header_files(folder, monkeypatch, inline_ma
     assert namespace["files"] == files
     assert namespace["table"].num_rows == ROWS[0] + ROWS[1]
     assert namespace["codes"].shape == (GRID, GRID)
+
+
+def test_card_follows_the_source_its_images_and_its_filter(folder):
+    """A DataComp copy at 512 px with a filter: the card names DataComp, its licence and safety columns as the
+    parquets hold them, the image size, the resize mode and the filter rows had to pass."""
+    provenance = {
+        **PROVENANCE,
+        "source_format": "datacomp",
+        "image_size": 512,
+        "resize_mode": "center_crop",
+        "filter": "clip_l14_similarity_score >= 0.3",
+    }
+    files = included_code_files(_report(), os.listdir(folder))
+    columns = ["key", "code", "caption", "url", "uid", "face_bboxes", "source_sha256", "image_sha256"]
+    text = dataset_card(
+        model=MODEL,
+        provenance=provenance,
+        report=_report(),
+        included_files=files,
+        grid=32,
+        n_embed=N_EMBED,
+        code_columns=columns,
+    )
+    header = yaml.safe_load(re.match(r"---\n(.*?\n)---\n", text, re.DOTALL).group(1))
+    assert header["pretty_name"] == f"VQGAN codes ({MODEL}) of DataComp images" and "datacomp" in header["tags"]
+    assert "of DataComp\n" in text and "LAION-400M" not in text
+    assert "Licence and safety columns: `face_bboxes`" in text
+    assert "(512×512 images)" in text and "resize mode `center_crop`" in text
+    assert "rows failing the filter `clip_l14_similarity_score >= 0.3` were never downloaded" in text
+    assert "CC-BY 4.0" in text  # DataComp's published licence

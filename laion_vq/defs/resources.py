@@ -265,6 +265,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             "encode_mode": self.checked_mode(),
             "dtype": self.dtype,
             "random_weights": self.random_weights(),
+            "source_format": settings.METADATA_FORMAT.get_str(),
             "image_size": self.image_size,
             "resize_mode": settings.RESIZE_MODE.get_str(),
             "filter": settings.FILTER.get_str(),

@@ -18,9 +18,9 @@ import yaml
 
 from laion_vq.report.shards import ShardReport
 from laion_vq.shards.numbering import SHARD_DIGITS
+from laion_vq.shards.sources import DEFAULT_PRESET, PRESETS, SourceFormat, title
 from laion_vq.shards.storage import TMP_MARKER
 
-LICENCE_COLUMNS = ("LICENSE", "NSFW")
 INLINE_FILES_MAX = 32  # up to this many files the snippet lists them; beyond, it reads them from the header
 _SIZE_CATEGORIES = (
     (1_000, "n<1K"),
@@ -87,14 +87,15 @@ def _success_spread(rows: pl.DataFrame) -> str:
     )
 
 
-def _front_matter(model: str, included_files: list[str], images: int) -> str:
+def _front_matter(model: str, included_files: list[str], images: int, source: SourceFormat) -> str:
+    name = title(source.name)
     header = {
-        "pretty_name": f"VQGAN codes ({model}) of LAION-400M images",
+        "pretty_name": f"VQGAN codes ({model}) of {name} images",
         "license": "other",
-        "license_name": "laion-400m-metadata-cc-by-4.0-images-keep-their-own-licences",
+        "license_name": f"{source.name}-metadata-licence-images-keep-their-own-licences",
         "task_categories": ["text-to-image", "image-to-text"],
         "size_categories": [_size_category(images)],
-        "tags": ["vqgan", "image-tokens", "laion", "laion-400m", model],
+        "tags": ["vqgan", "image-tokens", *(["laion"] if "laion" in source.name else []), source.name, model],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": list(included_files)}]}],
     }
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the C dumper: 10,000 file names in ~0.1 s
@@ -160,7 +161,13 @@ def dataset_card(
     """The README.md of `codes/<model>/`: YAML header (configs listing `included_files` exactly, licence,
     task and size categories, tags) then the prose. `provenance`: `checkpoint`, `checkpoint_sha256`,
     `dtype`, `index_rule`, and `random_weights` (true for a stand-in checkpoint: the card then says loudly
-    that the codes are noise)."""
+    that the codes are noise); `source_format`, `image_size`, `resize_mode` and `filter` say which source
+    and which images (LAION-400M's 256 px `border` when absent: codes made before sources had formats)."""
+    source = PRESETS.get(str(provenance.get("source_format") or DEFAULT_PRESET), PRESETS[DEFAULT_PRESET])
+    name = title(source.name)
+    image_size = int(provenance.get("image_size") or 256)
+    resize_mode = str(provenance.get("resize_mode") or "border")
+    row_filter = provenance.get("filter")
     table = report.table
     included = [shard for name in included_files if (shard := _shard_of(posixpath.basename(name)))]
     rows = table.filter(pl.col("shard").is_in(included))
@@ -179,9 +186,12 @@ def dataset_card(
     dtype = provenance.get("dtype") or "unknown"
     index_rule = provenance.get("index_rule") or "unknown"
     other_checkpoints = sorted(set(rows.get_column("checkpoint_sha256").drop_nulls().to_list()) - {sha256})
-    licence_columns = [c for c in LICENCE_COLUMNS if c in code_columns]
+    licence_columns = [c for c in source.license_columns if c in code_columns or f"source_{c}" in code_columns]
 
-    out = [_front_matter(model, included_files, encoded), f"# VQGAN codes ({model}, {n_embed} entries) of LAION-400M\n"]
+    out = [
+        _front_matter(model, included_files, encoded, source),
+        f"# VQGAN codes ({model}, {n_embed} entries) of {name}\n",
+    ]
     if provenance.get("random_weights"):
         out.append(
             "> [!CAUTION]\n"
@@ -195,8 +205,8 @@ def dataset_card(
             f"> not only by `{sha256}`: the dataset mixes code versions.\n"
         )
     out.append(
-        f"This dataset holds the VQGAN codes of **{encoded:,} images** from **{len(included):,} shards** of the\n"
-        "[LAION-400M dataset](https://laion.ai/laion-400-open-dataset/), in the format of the *VQGAN (f8, 8192)\n"
+        f"This dataset holds the VQGAN codes of **{encoded:,} images** from **{len(included):,} shards** of\n"
+        f"[{name}]({source.citation.split(' ; ')[0]}), in the format of the *VQGAN (f8, 8192)\n"
         "embeddings for LAION-100M* dataset. VQGAN was introduced in\n"
         '["Taming Transformers for High-Resolution Image Synthesis"](https://github.com/CompVis/taming-transformers).\n'
         "It does not contain the images.\n\n"
@@ -225,20 +235,24 @@ def dataset_card(
         f"| precision (dtype) | `{dtype}` |\n"
         f"| index rule | `{_cell(index_rule)}` |\n"
         f"| codebook | {codebook} |\n"
-        f"| codes per image | {grid}×{grid} = {grid * grid} (256×256 images) |\n"
+        f"| codes per image | {grid}×{grid} = {grid * grid} ({image_size}×{image_size} images) |\n"
         f"| random weights | {'**yes**' if provenance.get('random_weights') else 'no'} |\n" + index_note
     )
     out.append(
         "## Data\n\n"
-        f"One parquet per LAION-400M shard, `NNNNN.parquet`, one row per downloaded and decodable image, sorted by\n"
+        f"One parquet per {name} shard, `NNNNN.parquet`, one row per downloaded and decodable image, sorted by\n"
         f"`key`. Columns: {', '.join(f'`{c}`' for c in code_columns)}.\n\n"
         f"- `code`: {grid * grid} little-endian int16, row-major {grid}×{grid}, every value in `[0, {n_embed})`:\n"
         f'  `np.frombuffer(row["code"], np.int16).reshape({grid}, {grid})`.\n'
-        "- `caption`, `url` and the other columns are LAION-400M's `TEXT`, `URL` and metadata.\n"
+        f"- `caption`, `url` and the other columns are {name}'s `{source.caption_column}`, `{source.url_column}` and\n"
+        "  every other column of its metadata, with their types (a name img2dataset uses itself, such as `width`\n"
+        "  or `sha256`, is kept as `source_<name>`).\n"
         + (
-            f"- Licence columns: {', '.join(f'`{c}`' for c in licence_columns)}, as LAION recorded them.\n"
+            f"- Licence and safety columns: {', '.join(f'`{c}`' for c in licence_columns)}, as the source recorded "
+            "them.\n"
             if licence_columns
-            else "- No licence columns (`LICENSE`, `NSFW`) in these parquets.\n"
+            else f"- No licence or safety columns ({', '.join(f'`{c}`' for c in source.license_columns) or 'none'}"
+            " in the source) in these parquets.\n"
         )
         + "\nLoad exactly the files of the header (paths relative to this card):\n\n"
         + _loading_snippet(included_files, grid)
@@ -274,9 +288,14 @@ def dataset_card(
     rows_per_shard = table.get_column("metadata_rows").max() or 10_000  # the full shards' size, from the report
     out.append(
         "## How it was made\n\n"
-        f"1. LAION-400M metadata parts, cut into shards of {rows_per_shard:,} rows (`metadata/NNNNN.parquet`).\n"
-        "2. [img2dataset](https://github.com/rom1504/img2dataset) downloads each shard's images (256 px, resize mode\n"
-        "   `border`: longest side to 256, white padding; JPEG quality 95), counting failures by reason.\n"
+        f"1. {name} metadata parts, cut into shards of {rows_per_shard:,} rows (`metadata/NNNNN.parquet`)"
+        + (
+            f"; rows failing the filter `{_cell(row_filter)}` were never downloaded (status `filtered`).\n"
+            if row_filter
+            else ".\n"
+        )
+        + f"2. [img2dataset](https://github.com/rom1504/img2dataset) downloads each shard's images ({image_size} px,\n"
+        f"   resize mode `{resize_mode}`; JPEG quality 95), counting failures by reason.\n"
         f"3. The `{model}` encoder turns each image into {grid}×{grid} codes; images that do not decode are\n"
         "   counted by reason and listed in each parquet's `laion_vq` key-value metadata, with the provenance.\n"
         "4. Checks, one result per shard: `raw_metadata_shards_valid` (rows, columns, URLs), `image_tars_complete`\n"
@@ -287,9 +306,9 @@ def dataset_card(
     )
     out.append(
         "## Licence\n\n"
-        "The LAION-400M metadata (captions, URLs, the other columns) is distributed under the\n"
-        "[CC-BY 4.0 license](https://creativecommons.org/licenses/by/4.0/). The images are not included: each\n"
-        "image, and what is derived from it, stays under its own licence and its authors' rights"
+        f"The {name} metadata (captions, URLs, the other columns): {source.licence}.\n"
+        "The images are not included: each image, and what is derived from it, stays under its own licence and\n"
+        "its authors' rights"
         + ("\n(the `LICENSE` column holds what LAION found)" if "LICENSE" in licence_columns else "")
         + ".\nThe VQGAN models are distributed under the "
         "[MIT license](https://github.com/CompVis/taming-transformers/blob/master/License.txt).\n"

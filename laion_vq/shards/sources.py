@@ -357,6 +357,22 @@ PRESETS: dict[str, SourceFormat] = {
 }
 
 
+#: How cards and logs name each preset's dataset.
+TITLES = {
+    "laion400m": "LAION-400M",
+    "relaion5b": "Re-LAION-5B",
+    "laion5b": "LAION-5B",
+    "datacomp": "DataComp",
+    "coyo700m": "COYO-700M",
+    "cc12m": "Conceptual 12M (CC12M)",
+}
+
+
+def title(name: str) -> str:
+    """`datacomp` → `DataComp`; a name that is no preset stays as it is."""
+    return TITLES.get(name, name)
+
+
 def preset(name: str) -> SourceFormat:
     """The preset called `name`; an unknown name is an error listing the known ones."""
     try:

@@ -12,6 +12,7 @@ import time
 
 import dagster as dg
 import polars as pl
+import pyarrow.parquet as pq
 
 from laion_vq.defs.assets.codes import code_parquets
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations, latest_results
@@ -34,7 +35,6 @@ from laion_vq.report.usage import cached_code_usage
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.shards.numbering import parse_shard_key
-from laion_vq.shards.schema import CODES_SCHEMA
 from laion_vq.shards.storage import StorageLayout, filesystem, publish_bytes
 
 
@@ -138,6 +138,13 @@ def _removals_applied(layout: StorageLayout) -> list[dict]:
     ]
 
 
+def _columns_of(url: str) -> list[str]:
+    """The columns of a code parquet (the source's columns ride along, so they differ by source)."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return list(pq.ParquetFile(f).schema_arrow.names)
+
+
 def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa: ANN001 - StorageLayout, ShardReport
     """The dataset card beside the code parquets, from the stored provenance of an included shard."""
     fs, path = filesystem(layout.codes_dir(folder))
@@ -154,7 +161,7 @@ def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa:
         included_files=included,
         grid=int(provenance.get("grid", 32)),
         n_embed=int(provenance.get("n_embed", 8192)),
-        code_columns=list(CODES_SCHEMA.names),
+        code_columns=_columns_of(layout.code_shard(folder, newest)),
         removals=_removals_applied(layout),
     )
     publish_bytes(card.encode("utf-8"), layout.dataset_card(folder))
