@@ -3,6 +3,7 @@ decode settings refused clearly, the engine built once per process and its GPU m
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import dagster as dg
@@ -54,7 +55,13 @@ def test_auto_reads_the_model_yaml_beside_the_checkpoint(yaml_checkpoint):
     assert resource.codes_folder == config.name == "my-gumbel-f8"
     engine = resource.engine()
     assert engine is resource.engine() and engine.batch_size == 2 and engine.mode == "exact"
-    assert resource.provenance()["encode_mode"] == "exact" and resource.dtype == "fp32"
+    provenance = resource.provenance()
+    assert provenance["encode_mode"] == "exact" and resource.dtype == "fp32"
+    # provenance names what `auto` resolved to, and the YAML it read (by content: a changed YAML shows)
+    assert (provenance["model"], provenance["model_setting"]) == ("my-gumbel-f8", "auto")
+    yaml_path = yaml_checkpoint.replace("last.ckpt", "model.yaml")
+    assert provenance["model_yaml"] == yaml_path
+    assert provenance["model_yaml_sha256"] == hashlib.sha256(TINY_YAML.encode()).hexdigest()
     resource.teardown_after_execution(None)  # type: ignore[arg-type]
     assert resource._engine is None and resource._loaded is None  # the next run loads afresh
 

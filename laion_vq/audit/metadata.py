@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 
 from laion_vq.audit.verdict import ShardVerdict
 from laion_vq.download.img2dataset_shard import expected_key
+from laion_vq.shards.metadata import ShardSource
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.storage import StorageLayout, exists, read_bytes
-from laion_vq.stages.metadata import ShardSource
 
 
 def audit_metadata_shard(

@@ -251,7 +251,8 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     def provenance(self) -> dict:
         """What made a code parquet: stored in its key-value metadata and shown on its partition's page. `model`
         is the model resolved (with `auto`, the one its YAML describes), `model_setting` what was asked for.
-        `image_size`, `resize_mode` and `filter` are the dataset's: a change makes another version."""
+        `image_size` and `resize_mode` are the dataset's: a change makes another version (as does the filter, which
+        each shard's record adds: `encode.shard.shard_source_provenance`)."""
         from laion_vq.shards.storage import sha256_of
 
         yaml = self.model_yaml()
@@ -265,10 +266,8 @@ class VQGANEncoderResource(dg.ConfigurableResource):
             "encode_mode": self.checked_mode(),
             "dtype": self.dtype,
             "random_weights": self.random_weights(),
-            "source_format": settings.METADATA_FORMAT.get_str(),
             "image_size": self.image_size,
             "resize_mode": settings.RESIZE_MODE.get_str(),
-            "filter": settings.FILTER.get_str(),
         }
 
     def resolved_device(self) -> str:
@@ -325,6 +324,7 @@ class VQGANEncoderResource(dg.ConfigurableResource):
                 index_rule=self.checked_index_rule(),
                 compile_cache_dir=self.compile_cache or settings.compile_cache_dir(),
                 log=log,
+                image_size=self.image_size,
             )
         return self._engine
 

@@ -112,7 +112,10 @@ class ModelEngine:
         compile: bool | None = None,
         compile_cache_dir: str | None = None,
         log: Callable[[str], None] | None = None,
+        image_size: int | None = None,
     ) -> None:
+        """`image_size`: the side of the images it is given (`LAION_VQ_IMAGE_SIZE`; default the model's training
+        resolution). A convolutional encoder takes any multiple of its factor: 512 px with f16 gives 32×32."""
         if mode not in ENCODE_MODES:
             raise ValueError(f"encode mode must be one of {ENCODE_MODES}, got {mode!r}")
         check_index_rule(index_rule, model.config.quantizer, model.config.name)
@@ -120,8 +123,8 @@ class ModelEngine:
         self.mode = mode
         self.index_rule = index_rule
         self.device = next(model.parameters()).device
-        self.grid = model.code_grid
-        self.image_size = model.config.resolution
+        self.image_size = image_size or model.config.resolution
+        self.grid = model.config.code_grid(self.image_size)
         self.stats = EngineStats()
         self._log = log or (lambda _message: None)
         self._cuda = self.device.type == "cuda"

@@ -35,6 +35,7 @@ from laion_vq.encode.shard import (
     ShardAccumulator,
     publish_shard,
     refuse_other_version,
+    shard_source_provenance,
     status_table,
 )
 from laion_vq.shards.storage import StorageLayout, require_upstream
@@ -152,13 +153,16 @@ class EncodePipeline:
 
     def _open_shard(self, shard_id: int, keep: int) -> ShardAccumulator:
         dest = self.spec.destination(self.layout, shard_id)
+        provenance = {**self.spec.provenance, **shard_source_provenance(self.layout, shard_id)}
         if not self.spec.replace_other_versions:
-            refuse_other_version(dest, self.spec.provenance)
+            refuse_other_version(dest, provenance)
         status = status_table(self.layout, shard_id)
         tar_url = self.layout.image_tar(shard_id)
         require_upstream(tar_url, "image_tars", read=False)
         rows = {row["key"]: row for row in status.to_pylist()}
-        return ShardAccumulator(shard_id, rows, tar_url, dest, keep_samples=keep, status_schema=status.schema)
+        return ShardAccumulator(
+            shard_id, rows, tar_url, dest, keep_samples=keep, status_schema=status.schema, provenance=provenance
+        )
 
     def _read(self, shard_ids: Iterable[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:
         """Stream each tar into chunks of one batch; a shard's failure ends that shard only."""

@@ -90,6 +90,21 @@ def refuse_other_version(dest: str, provenance: dict) -> None:
         )
 
 
+def shard_source_provenance(layout: StorageLayout, shard_id: int) -> dict:
+    """The shard's source format and filter, from its metadata shard's record (footer only): what its rows
+    really went through, whatever the encoder's own settings say. Empty when the metadata shard is gone."""
+    from laion_vq.shards.metadata import ShardSource
+    from laion_vq.shards.storage import filesystem
+
+    url = layout.metadata_shard(shard_id)
+    if not exists(url):
+        return {}
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        source = ShardSource.from_schema(pq.ParquetFile(f).schema_arrow)
+    return {"source_format": source.format, "filter": source.filter}
+
+
 def status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
     """The img2dataset status parquet of the shard, by key (CorruptShardError if unreadable)."""
     return {row["key"]: row for row in status_table(layout, shard_id).to_pylist()}
@@ -128,6 +143,8 @@ class ShardAccumulator:
     encode_seconds: float = 0.0
     #: the status parquet's schema: its source columns (every column of the metadata) ride into the codes
     status_schema: pa.Schema | None = None
+    #: the run's provenance with this shard's source and filter (`shard_source_provenance`)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def success_keys(self) -> set[str]:
@@ -182,7 +199,7 @@ def publish_shard(acc: ShardAccumulator, spec: CodeSpec, tar_error: str | None, 
         # so an audit can tell a key left out on purpose from a lost one
         "undecodable_keys": sorted(acc.undecodable_keys),
         **({"tar_error": tar_error} if tar_error else {}),
-        **spec.provenance,
+        **(acc.provenance or spec.provenance),
         # the exact histogram (~19 KB packed for 10,000 images), for the report's codebook usage over all shards
         **({"code_usage": pack_code_usage(report.usage)} if report.usage is not None else {}),
     }

@@ -10,59 +10,15 @@ download stage; they end in the status parquet as `filtered`.
 from __future__ import annotations
 
 import io
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_vq.shards.metadata import LaionMetadata
+from laion_vq.shards.metadata import SHARD_SOURCE_KEY, LaionMetadata, ShardSource
 from laion_vq.shards.schema import SchemaError
-from laion_vq.shards.sources import DEFAULT_PRESET, SourceFormat
 from laion_vq.shards.storage import StorageLayout, publish_bytes
-
-#: The key of our record in a metadata shard's parquet key-value metadata.
-SHARD_SOURCE_KEY = b"laion_vq"
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """How a stored metadata shard is read by the download stage: written by this stage, read back there."""
-
-    format: str = DEFAULT_PRESET
-    url_column: str = "URL"
-    caption_column: str = "TEXT"
-    hash_column: str | None = None
-    hash_type: str | None = None
-    #: the predicate rows had to pass (None: none), and the rows (0-based, = the sample index) it rejected
-    filter: str | None = None
-    filtered_rows: tuple[int, ...] = field(default=())
-
-    @classmethod
-    def of(cls, fmt: SourceFormat, row_filter: str | None, filtered_rows: tuple[int, ...] = ()) -> ShardSource:
-        return cls(
-            format=fmt.name,
-            url_column=fmt.url_column,
-            caption_column=fmt.caption_column,
-            hash_column=fmt.hash_column,
-            hash_type=fmt.hash_type,
-            filter=row_filter or None,
-            filtered_rows=filtered_rows,
-        )
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_schema(cls, schema: pa.Schema) -> ShardSource:
-        """The record of a stored shard; a shard stored before sources had a format is LAION-400M's."""
-        raw = (schema.metadata or {}).get(SHARD_SOURCE_KEY)
-        if not raw:
-            return cls()
-        data = json.loads(raw)
-        data["filtered_rows"] = tuple(data.get("filtered_rows") or ())
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class FilterError(ValueError):

@@ -63,7 +63,13 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def code_grid(self, image_size: int) -> int:
-        """Side length of the code grid for a square ``image_size`` input."""
+        """Side length of the code grid for a square ``image_size`` input (a multiple of the factor: the encoder
+        would otherwise crop the last row and column of cells away)."""
+        if image_size < 1 or image_size % self.downsample_factor:
+            raise ValueError(
+                f"{self.name}: image size {image_size} is not a positive multiple of its factor "
+                f"f{self.downsample_factor} (LAION_VQ_IMAGE_SIZE)"
+            )
         return image_size // self.downsample_factor
 
 

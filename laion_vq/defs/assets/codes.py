@@ -96,7 +96,6 @@ def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
         "random_weights": provenance["random_weights"],
         "image_size": provenance["image_size"],
         "grid": encoder.vqgan_config().code_grid(encoder.image_size),
-        **({"filter": provenance["filter"]} if provenance["filter"] else {}),
         **({"model_yaml_sha256": provenance["model_yaml_sha256"]} if "model_yaml_sha256" in provenance else {}),
     }
     if provenance["random_weights"]:
