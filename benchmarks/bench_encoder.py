@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds; the best per model is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="image side (LAION_VQ_IMAGE_SIZE); default the model's 256"
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     ours = VQGANEncoder(config).eval()
     ours.load_state_dict(ref.state_dict())
     ours.to(device)
-    images = sample_photos(args.images, config.resolution)
+    images = sample_photos(args.images, args.image_size or config.resolution)
 
     print(
         f"model={config.name} device={device} dtype={args.dtype} images={args.images} "
+        f"size={images.shape[1]} grid={config.code_grid(images.shape[1])} "
         f"batch={args.batch_size} torch={torch.__version__} threads={torch.get_num_threads()}"
     )
     if device.type == "cuda":

@@ -19,6 +19,8 @@ from laion_vq.audit import audit_code_shard, audit_image_shard
 from laion_vq.download import DownloadOptions
 from laion_vq.download.img2dataset_shard import expected_key, stored_column_name
 from laion_vq.fixtures.source_parts import write_source_part
+from laion_vq.encode.shard import CodesVersionError
+from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CODES_SCHEMA
 from laion_vq.shards.sources import PRESETS, preset
@@ -157,3 +159,25 @@ def test_text_source_shard_reads_its_rows_only(tmp_path):
     os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     again = LaionMetadata(str(part), SAMPLES, fmt, layout.metadata_index_dir())
     assert again.read_shard(2).to_pylist() == shard2.to_pylist()
+
+
+def test_a_changed_filter_is_another_version_of_the_codes(tmp_path, image_server, tiny_encoder):
+    """Codes made under one filter are not overwritten by a run under another: the filter is part of the version
+    (recorded from each shard's metadata record), as a changed checkpoint is."""
+    fmt = preset("laion5b")
+    _, layout, _, codes, _ = _run(tmp_path, fmt, image_server, tiny_encoder, row_filter="extra_int <> 1")
+    assert read_codes_provenance(codes.path)["filter"] == "extra_int <> 1"
+    meta = LaionMetadata(str(tmp_path / "source"), SAMPLES, fmt, layout.metadata_index_dir())
+    write_metadata_shard(meta, layout, 0, "extra_int <> 2")
+    download_image_shard(layout, 0, SAMPLES, OPTIONS)
+    config, model = tiny_encoder
+    with pytest.raises(CodesVersionError, match="filter"):
+        encode_code_shard(
+            layout,
+            0,
+            model_name=TINY_MODEL,
+            encode=lambda b, _keys: model.encode_uint8(b, batch_size=4),
+            grid=32,
+            n_embed=config.n_embed,
+            batch_size=4,
+        )

@@ -80,8 +80,8 @@ def test_preprocess_is_exactly_taming_normalisation() -> None:
         (np.zeros((2, 3, 256, 256), np.uint8), r"shape \(2, 3, 256, 256\)"),
         (np.zeros((2, 256, 256, 4), np.uint8), r"shape \(2, 256, 256, 4\)"),
         (np.zeros((2, 256, 256, 1), np.uint8), r"shape \(2, 256, 256, 1\)"),
-        (np.zeros((2, 128, 128, 3), np.uint8), "configured for 256x256"),
-        (np.zeros((2, 256, 240, 3), np.uint8), "configured for 256x256"),
+        (np.zeros((2, 132, 132, 3), np.uint8), "side is a multiple of 8"),
+        (np.zeros((2, 256, 240, 3), np.uint8), "side is a multiple of 8"),
         (torch.zeros((2, 256, 256, 3)), "dtype torch.float32"),
     ],
 )

@@ -101,8 +101,10 @@ class VQGANEncoder(nn.Module):
             return self.quantize.sample(z, seeds)
 
     def _check_images(self, images: np.ndarray | torch.Tensor) -> None:
-        size = self.config.resolution
-        expected = f"uint8 array of shape (N, {size}, {size}, 3) (RGB, NHWC)"
+        """uint8 NHWC RGB, square, a side that is a multiple of the factor (the training resolution or any other:
+        the encoder is convolutional; 512 px with f16 gives 32x32 codes)."""
+        f = self.config.downsample_factor
+        expected = f"uint8 array of shape (N, S, S, 3) (RGB, NHWC), S a multiple of {f}"
         if isinstance(images, np.ndarray):
             dtype_ok = images.dtype == np.uint8
         elif isinstance(images, torch.Tensor):
@@ -114,10 +116,10 @@ class VQGANEncoder(nn.Module):
         shape = tuple(images.shape)
         if len(shape) != 4 or shape[3] != self.config.in_channels:
             raise ValueError(f"expected {expected}, got shape {shape}")
-        if shape[1] != size or shape[2] != size:
+        if shape[1] != shape[2] or shape[1] % f or shape[1] == 0:
             raise ValueError(
-                f"expected {expected}, got {shape[1]}x{shape[2]} images; "
-                f"model {self.config.name!r} is configured for {size}x{size}"
+                f"expected {expected}, got {shape[1]}x{shape[2]} images; model {self.config.name!r} (f{f}) takes "
+                f"square images whose side is a multiple of {f}"
             )
 
     @torch.inference_mode()
@@ -156,7 +158,7 @@ class VQGANEncoder(nn.Module):
         param = next(self.parameters())
         device = param.device
         n = images.shape[0]
-        grid = self.code_grid
+        grid = self.config.code_grid(images.shape[1])
         if n == 0:
             return np.empty((0, grid, grid), dtype=np.int16)
         chunks: list[torch.Tensor] = []

@@ -22,6 +22,7 @@ def _metadata(result: ImageShardResult) -> dict:
         "success_rate": round(result.success_rate, 4),
         "removed": result.removed,
         **({"removed_by_reason": dg.MetadataValue.json(result.removed_by_reason)} if result.removed else {}),
+        **({"filtered": result.filtered} if result.filtered else {}),
         "failures_by_reason": dg.MetadataValue.json(dict(list(result.failures_by_reason.items())[:20])),
         "failure_examples": dg.MetadataValue.json(result.failure_examples),
         "tar_bytes": result.bytes_tar,
