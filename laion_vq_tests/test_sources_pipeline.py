@@ -18,8 +18,8 @@ import pytest
 from laion_vq.audit import audit_code_shard, audit_image_shard
 from laion_vq.download import DownloadOptions
 from laion_vq.download.img2dataset_shard import expected_key, stored_column_name
-from laion_vq.fixtures.source_parts import write_source_part
 from laion_vq.encode.shard import CodesVersionError
+from laion_vq.fixtures.source_parts import write_source_part
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CODES_SCHEMA

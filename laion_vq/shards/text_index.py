@@ -447,12 +447,39 @@ def index_text_part(
     )
 
 
-def index_file_name(
-    url: str, input_format: str, samples_per_shard: int, column_names: Sequence[str] | None = None
-) -> str:
-    """`<sha256 of the url, format and given column names, 16 hex>-S<samples>.json`: one index per way of reading."""
-    key = json.dumps([url, input_format, list(column_names) if column_names is not None else None])
-    return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-S{samples_per_shard}.json"
+def index_file_name(url: str, samples_per_shard: int) -> str:
+    """`<sha256 of the url, 16 hex>-S<samples>.json`. The way of reading (format, column names) is checked inside
+    the index, so a reader that knows only the url and S (`load_index`) finds it."""
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-S{samples_per_shard}.json"
+
+
+def load_index(
+    url: str,
+    input_format: str,
+    samples_per_shard: int,
+    index_dir: str,
+    *,
+    column_names: Sequence[str] | None = None,
+) -> TextPartIndex | None:
+    """The stored index of the part, or None when there is none usable: missing, unreadable (another version),
+    made for another format or other given column names, or the part changed since (size, mtime, etag)."""
+    dest = f"{index_dir.rstrip('/')}/{index_file_name(url, samples_per_shard)}"
+    if not exists(dest):
+        return None
+    try:
+        stored = TextPartIndex.from_json(read_bytes(dest))
+    except ValueError:
+        return None
+    fs, path = filesystem(url)
+    if (
+        stored.url != url
+        or stored.input_format != input_format
+        or stored.samples_per_shard != samples_per_shard
+        or (column_names is not None and (stored.header or stored.columns != tuple(column_names)))
+        or stored.identity() != _file_identity(fs, path)
+    ):
+        return None
+    return stored
 
 
 def load_or_build_index(
@@ -465,27 +492,12 @@ def load_or_build_index(
 ) -> TextPartIndex:
     """The part's index from `index_dir` (a local path or fsspec URL) when the part is unchanged, else built and
     published there (atomically) for every later read."""
-    dest = f"{index_dir.rstrip('/')}/{index_file_name(url, input_format, samples_per_shard, column_names)}"
-    fs, path = filesystem(url)
-    identity = _file_identity(fs, path)
-    if exists(dest):
-        try:
-            stored = TextPartIndex.from_json(read_bytes(dest))
-        except ValueError:
-            stored = None  # another version, or damaged: rebuild
-        wanted_header = column_names is None and input_format not in JSONL_FORMATS
-        if (
-            stored is not None
-            and stored.url == url
-            and stored.input_format == input_format
-            and stored.samples_per_shard == samples_per_shard
-            and stored.header == wanted_header
-            and (column_names is None or stored.columns == tuple(column_names))
-            and stored.identity() == identity
-        ):
-            return stored
+    stored = load_index(url, input_format, samples_per_shard, index_dir, column_names=column_names)
+    wanted_header = column_names is None and input_format not in JSONL_FORMATS
+    if stored is not None and stored.header == wanted_header:
+        return stored
     index = index_text_part(url, input_format, samples_per_shard, column_names=column_names)
-    publish_bytes(index.to_json().encode(), dest)
+    publish_bytes(index.to_json().encode(), f"{index_dir.rstrip('/')}/{index_file_name(url, samples_per_shard)}")
     return index
 
 
