@@ -4,7 +4,7 @@ webserver and daemon over PostgreSQL, with the production instance (`deploy/dags
 What it does, per daemon setting tried (`--variants`), each on a fresh database and `DAGSTER_HOME`:
 
 1. starts `dagster-daemon` and `dagster-webserver` on this project's workspace
-   (`laion_vq.fixtures.dagster_services`) with `LAION_VQ_NUM_SHARDS=--partitions`;
+   (`laion_vq.testing.dagster_services`) with `LAION_VQ_NUM_SHARDS=--partitions`;
 2. times the partition-status query the UI sends for an asset's partition bar (`PartitionHealthQuery`,
    copied from the UI's `usePartitionHealthData.tsx`) for each of the three assets (median of a few);
 3. launches the backfill as the UI's "Materialize all" → "Launch backfill" does for a graph whose assets
@@ -346,8 +346,8 @@ def measure(variant: str, args: argparse.Namespace, workdir: Path) -> Result:
     """One fresh deployment (database, DAGSTER_HOME under `workdir`) with `variant`'s settings, measured."""
     import dagster as dg
 
-    from laion_vq.fixtures.dagster_services import PRODUCTION_YAML, dagster_services, postgres_database
     from laion_vq.shards.numbering import shard_keys
+    from laion_vq.testing.dagster_services import PRODUCTION_YAML, dagster_services, postgres_database
 
     overrides_extra, env_extra = VARIANTS[variant]
     production = yaml.safe_load(PRODUCTION_YAML.read_text())
@@ -653,8 +653,8 @@ def profile_iteration(args: argparse.Namespace, workdir: Path) -> None:
     from dagster._core.workspace.load_target import WorkspaceFileTarget
     from dagster._daemon.backfill import execute_backfill_iteration
 
-    from laion_vq.fixtures.dagster_services import PRODUCTION_YAML, WORKSPACE, dagster_services, postgres_database
     from laion_vq.shards.numbering import shard_keys
+    from laion_vq.testing.dagster_services import PRODUCTION_YAML, WORKSPACE, dagster_services, postgres_database
 
     concurrency = copy.deepcopy(yaml.safe_load(PRODUCTION_YAML.read_text())["concurrency"])
     concurrency["runs"]["max_concurrent_runs"] = 0

@@ -86,16 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
 
-    from laion_vq.fixtures import dagster_services as services_module
-    from laion_vq.fixtures.celery_workers import (
+    from laion_vq.testing import dagster_services as services_module
+    from laion_vq.testing.celery_workers import (
         BROKER,
         delete_queues,
         rabbitmq_reachable,
         start_worker,
         wait_for_workers,
     )
-    from laion_vq.fixtures.image_server import ImageServer
-    from laion_vq.fixtures.synthetic_metadata import write_parts
+    from laion_vq.testing.image_server import ImageServer
+    from laion_vq.testing.synthetic_metadata import write_parts
 
     if unreachable := rabbitmq_reachable():
         raise SystemExit(unreachable)

@@ -42,7 +42,7 @@ CLEAN = ["/img/large.jpg", "/img/photo.png", "/img/photo.jpg", "/img/progressive
 
 def _serve(conn: Connection, drip_interval_s: float) -> None:
     """Server process: start the HostileServer, report its base URL, serve until told to stop."""
-    from laion_vq.fixtures.hostile_server import HostileServer
+    from laion_vq.testing.hostile_server import HostileServer
 
     with HostileServer("127.0.0.1", drip_interval_s=drip_interval_s, stall_s=5) as server:
         conn.send(server.base_url)

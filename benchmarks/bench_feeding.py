@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from laion_vq.defs.check_state import IMAGES_CHECK  # noqa: E402
-from laion_vq.fixtures.dagster_services import BACKFILL_DONE, dagster_services, postgres_database  # noqa: E402
-from laion_vq.fixtures.image_server import ImageServer  # noqa: E402
-from laion_vq.fixtures.synthetic_metadata import write_parts  # noqa: E402
+from laion_vq.testing.dagster_services import BACKFILL_DONE, dagster_services, postgres_database  # noqa: E402
+from laion_vq.testing.image_server import ImageServer  # noqa: E402
+from laion_vq.testing.synthetic_metadata import write_parts  # noqa: E402
 from laion_vq.vqgan import get_model_config, save_random_checkpoint  # noqa: E402
 
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]

@@ -36,11 +36,11 @@ from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID  # noq
 
 from laion_vq.defs.assets.report import _frames  # noqa: E402
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations  # noqa: E402
-from laion_vq.fixtures.dagster_services import postgres_database  # noqa: E402
 from laion_vq.report.shards import build_report, write_report  # noqa: E402
 from laion_vq.report.usage import pack_code_usage  # noqa: E402
 from laion_vq.shards.codes import write_codes_parquet  # noqa: E402
 from laion_vq.shards.storage import StorageLayout  # noqa: E402
+from laion_vq.testing.dagster_services import postgres_database  # noqa: E402
 
 ASSETS = ("raw_metadata_shards", "image_tars", "code_parquets")
 

@@ -99,9 +99,9 @@ def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, fl
     from dagster._core.events import DagsterEventType as E
     from dagster._core.storage.dagster_run import DagsterRunStatus
 
-    from laion_vq.fixtures.dagster_services import dagster_services, postgres_database
-    from laion_vq.fixtures.image_server import ImageServer
-    from laion_vq.fixtures.synthetic_metadata import write_parts
+    from laion_vq.testing.dagster_services import dagster_services, postgres_database
+    from laion_vq.testing.image_server import ImageServer
+    from laion_vq.testing.synthetic_metadata import write_parts
 
     phases, rng = [], random.Random(0)
     with tempfile.TemporaryDirectory() as tmp, ImageServer() as server:

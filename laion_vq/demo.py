@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(dagster_home, exist_ok=True)
     started = time.perf_counter()
 
-    from laion_vq.fixtures.demo_inputs import make_demo_inputs
-    from laion_vq.fixtures.image_server import ImageServer
     from laion_vq.settings import ALL_SETTINGS, write_instance_settings
+    from laion_vq.testing.demo_inputs import make_demo_inputs
+    from laion_vq.testing.image_server import ImageServer
     from laion_vq.ui import write_demo_state
 
     with ImageServer() as server:
@@ -98,8 +98,8 @@ def run_pipeline(shards: int, dagster_home: str) -> bool:
     import dagster as dg
     from dagster._core.events import DagsterEventType
 
-    from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
     from laion_vq.shards.numbering import shard_key
+    from laion_vq.testing.dagster_services import EMBEDDED_YAML, dagster_services
 
     t0 = time.perf_counter()
     with dagster_services(Path(dagster_home), None, instance_yaml=EMBEDDED_YAML) as services:

@@ -47,7 +47,7 @@ def demo_image_server(dagster_home: Path) -> Iterator[str | None]:
     if not state.exists():
         yield None
         return
-    from laion_vq.fixtures.image_server import ImageServer
+    from laion_vq.testing.image_server import ImageServer
 
     port = int(json.loads(state.read_text())["image_server_port"])
     try:

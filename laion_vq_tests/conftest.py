@@ -57,7 +57,7 @@ def _no_leaked_defs_state_storage():
 
 @pytest.fixture(scope="session")
 def image_server():
-    from laion_vq.fixtures.image_server import ImageServer
+    from laion_vq.testing.image_server import ImageServer
 
     with ImageServer(slow_delay_s=3.0) as server:
         yield server
@@ -76,7 +76,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def pg_url(request):
     """A fresh database on the machine's real PostgreSQL (dropped afterwards); its URL."""
     psycopg2 = pytest.importorskip("psycopg2")
-    from laion_vq.fixtures.dagster_services import PG, postgres_database
+    from laion_vq.testing.dagster_services import PG, postgres_database
 
     try:
         psycopg2.connect(**PG, dbname="test", connect_timeout=5).close()

@@ -22,10 +22,10 @@ from dagster._core.storage.tags import (
 )
 
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_results
-from laion_vq.fixtures.dagster_services import BACKFILL_DONE
-from laion_vq.fixtures.demo_inputs import shard_urls
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.dagster_services import BACKFILL_DONE
+from laion_vq.testing.demo_inputs import shard_urls
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 
@@ -74,7 +74,7 @@ def _run_failures(instance, records) -> str:
 
 
 def test_ui_backfill_of_three_shards_runs_on_daemon_and_postgres(tmp_path, image_server, tiny_checkpoint, pg_url):
-    from laion_vq.fixtures.dagster_services import dagster_services
+    from laion_vq.testing.dagster_services import dagster_services
 
     urls = shard_urls(image_server, NUM_SHARDS, SAMPLES)
     write_parts(str(tmp_path / "meta"), urls, row_group_size=3)

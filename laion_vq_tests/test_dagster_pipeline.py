@@ -20,10 +20,10 @@ from laion_vq.defs.resources import (
     StorageResource,
     VQGANEncoderResource,
 )
-from laion_vq.fixtures.demo_inputs import shard_urls
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.demo_inputs import shard_urls
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 

@@ -10,9 +10,9 @@ import dagster as dg
 
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
-from laion_vq.fixtures.image_server import ImageServer
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.image_server import ImageServer
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 

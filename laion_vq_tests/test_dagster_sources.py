@@ -11,10 +11,10 @@ from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.checks import SHARD_CHECKS
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.download.img2dataset_shard import expected_key
-from laion_vq.fixtures.source_parts import write_source_part
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.sources import preset
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.source_parts import write_source_part
 
 from .conftest import TINY_MODEL
 

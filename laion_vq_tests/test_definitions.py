@@ -98,8 +98,8 @@ CLIS = {
 def test_cli_materializes_all_three_assets_for_a_shard(tmp_path, image_server, tiny_checkpoint, cli):
     """From a shell, as the README says: `dagster asset materialize -m laion_vq.definitions --select '*'
     --partition 00000`, and the `dg` project's `dg launch --assets '*' --partition 00000`."""
-    from laion_vq.fixtures.demo_inputs import shard_urls
-    from laion_vq.fixtures.synthetic_metadata import write_parts
+    from laion_vq.testing.demo_inputs import shard_urls
+    from laion_vq.testing.synthetic_metadata import write_parts
 
     write_parts(str(tmp_path / "meta"), shard_urls(image_server, 1, 6))
     home = tmp_path / "home"

@@ -29,10 +29,10 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from laion_vq.fixtures.dagster_services import REPO
-from laion_vq.fixtures.demo_inputs import shard_urls
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.storage import StorageLayout, exists
+from laion_vq.testing.dagster_services import REPO
+from laion_vq.testing.demo_inputs import shard_urls
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 
@@ -47,7 +47,7 @@ WORKSPACE = REPO / "deploy" / "celery" / "workspace.yaml"
 @pytest.fixture()
 def rabbitmq():
     pytest.importorskip("dagster_celery")
-    from laion_vq.fixtures.celery_workers import BROKER, delete_queues, rabbitmq_reachable
+    from laion_vq.testing.celery_workers import BROKER, delete_queues, rabbitmq_reachable
 
     unreachable = rabbitmq_reachable()
     if unreachable:
@@ -107,8 +107,8 @@ def _wait(condition, what: str, timeout: float, workers=(), services=None):
 def test_backfill_on_celery_workers_and_a_killed_worker(
     tmp_path, monkeypatch, image_server, tiny_checkpoint, pg_url, rabbitmq
 ):
-    from laion_vq.fixtures import dagster_services as services_module
-    from laion_vq.fixtures.celery_workers import start_worker, wait_for_workers
+    from laion_vq.testing import dagster_services as services_module
+    from laion_vq.testing.celery_workers import start_worker, wait_for_workers
 
     broker, prefix = rabbitmq
     urls = shard_urls(image_server, BACKFILL_SHARDS, SAMPLES - 1)
@@ -220,9 +220,9 @@ def test_celery_code_location_routes_steps_by_pool(monkeypatch):
     import yaml
     from dagster._core.execution.api import create_execution_plan
 
-    from laion_vq.distributed.definitions import defs
-    from laion_vq.distributed.executor import CELERY_SETTINGS, step_queue
-    from laion_vq.fixtures.celery_workers import BROKER, CELERY_YAML
+    from laion_vq.deploy.distributed.definitions import defs
+    from laion_vq.deploy.distributed.executor import CELERY_SETTINGS, step_queue
+    from laion_vq.testing.celery_workers import BROKER, CELERY_YAML
 
     monkeypatch.setenv("LAION_VQ_CELERY_BROKER", BROKER)  # resolved when a plan is built, never contacted
     repository = defs.get_repository_def()

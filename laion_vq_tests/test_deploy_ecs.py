@@ -29,7 +29,7 @@ import yaml
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import deserialize_value
 
-from laion_vq.fixtures.dagster_services import PRODUCTION_YAML, REPO
+from laion_vq.testing.dagster_services import PRODUCTION_YAML, REPO
 
 ECS_DIR = REPO / "deploy" / "ecs"
 CLUSTER = "laion-vq"
@@ -40,7 +40,7 @@ SECRET_NAME = "laion-vq/dagster-pg-url"
 @pytest.fixture()
 def aws():
     pytest.importorskip("moto.server")
-    from laion_vq.fixtures.aws import moto_aws
+    from laion_vq.testing.aws import moto_aws
 
     with moto_aws() as env:
         yield env
@@ -121,7 +121,7 @@ def _task_of(instance, ecs, run_id: str, timeout: float = 60) -> dict:
 def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aws, pg_url):
     import boto3
 
-    from laion_vq.fixtures.dagster_services import dagster_services
+    from laion_vq.testing.dagster_services import dagster_services
 
     values, taskdefs = _ecs_account(boto3, pg_url)
     ecs = boto3.client("ecs")
@@ -140,7 +140,7 @@ def test_ecs_launcher_places_encoder_runs_on_gpu_tasks(tmp_path, monkeypatch, aw
         ) as services,
         services.instance() as instance,
     ):
-        from laion_vq.launchers.ecs import LaionEcsRunLauncher
+        from laion_vq.deploy.launchers.ecs import LaionEcsRunLauncher
 
         assert isinstance(instance.run_launcher, LaionEcsRunLauncher)
         assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"

@@ -20,7 +20,7 @@ import yaml
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import deserialize_value
 
-from laion_vq.fixtures.dagster_services import PRODUCTION_YAML, REPO
+from laion_vq.testing.dagster_services import PRODUCTION_YAML, REPO
 
 VALUES = REPO / "deploy" / "helm" / "values.yaml"
 CPU_IMAGE = "REGISTRY/laion-vq:0.1.0"
@@ -39,8 +39,8 @@ def _job_for(api, run_id: str, timeout: float = 60) -> dict:
 
 def test_k8s_job_specs_put_encoder_runs_on_gpu_nodes(tmp_path, pg_url):
     pytest.importorskip("dagster_k8s")
-    from laion_vq.fixtures.dagster_services import dagster_services
-    from laion_vq.fixtures.k8s_api import FakeKubernetesAPI
+    from laion_vq.testing.dagster_services import dagster_services
+    from laion_vq.testing.k8s_api import FakeKubernetesAPI
 
     values = yaml.safe_load(VALUES.read_text())
     # the UI is never exposed: a ClusterIP service, no Ingress (deploy/README.md, "Security")

@@ -34,8 +34,8 @@ from laion_vq.download.guard import (
 )
 from laion_vq.download.image_checks import prepare_image, sniff_format
 from laion_vq.download.reasons import REASONS, normalise
-from laion_vq.fixtures.hostile_server import HostileServer, _bomb_png, closed_port
-from laion_vq.fixtures.loopback import ipv6_loopback_available
+from laion_vq.testing.hostile_server import HostileServer, _bomb_png, closed_port
+from laion_vq.testing.loopback import ipv6_loopback_available
 
 DRIP_S = 0.1
 ALLOW_WEB = AddressPolicy.from_cidrs("127.0.0.1/32")

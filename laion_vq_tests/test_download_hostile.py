@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from laion_vq.download import DownloadOptions, ShardDownloadResult, download_shard, expected_key
-from laion_vq.fixtures.hostile_server import HostileServer, closed_port
-from laion_vq.fixtures.loopback import ipv6_loopback_available
+from laion_vq.testing.hostile_server import HostileServer, closed_port
+from laion_vq.testing.loopback import ipv6_loopback_available
 
 SHARD = 7
 SAMPLES = 100

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from laion_vq.fixtures.image_server import BROKEN_KINDS, HUGE_SIDE, ImageServer
+from laion_vq.testing.image_server import BROKEN_KINDS, HUGE_SIDE, ImageServer
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import pytest
 from laion_vq.audit import audit_image_shard
 from laion_vq.download import DownloadOptions, download_shard, expected_key
 from laion_vq.download.shard_files import WITHHELD_MESSAGE
-from laion_vq.fixtures.image_server import ImageServer
-from laion_vq.fixtures.synthetic_metadata import laion_table
 from laion_vq.shards.storage import StorageLayout
 from laion_vq.stages import ImageShardResult, download_image_shard
+from laion_vq.testing.image_server import ImageServer
+from laion_vq.testing.synthetic_metadata import laion_table
 
 SHARD = 3
 SAMPLES = 10

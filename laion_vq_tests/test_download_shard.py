@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from laion_vq.download import DownloadOptions, ShardDownloadResult, download_shard, expected_key
-from laion_vq.fixtures.image_server import BROKEN_KINDS, ImageServer
 from laion_vq.shards.schema import LAION_SCHEMA
+from laion_vq.testing.image_server import BROKEN_KINDS, ImageServer
 
 LAION_TEST_SCHEMA = LAION_SCHEMA
 FAST = DownloadOptions(timeout=1, thread_count=8)

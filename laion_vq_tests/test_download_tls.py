@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from laion_vq.download import guard
 from laion_vq.download.guard import AddressPolicy, FetchError, FetchLimits, fetch
-from laion_vq.fixtures.hostile_server import HostileServer
+from laion_vq.testing.hostile_server import HostileServer
 
 LIMITS = FetchLimits(timeout=2, deadline=1.5, policy=AddressPolicy.from_cidrs("127.0.0.1/32"))
 

@@ -20,7 +20,7 @@ from laion_vq.download import (
     shard_name,
 )
 from laion_vq.download.shard_files import verify_shard_files
-from laion_vq.fixtures.image_server import ImageServer
+from laion_vq.testing.image_server import ImageServer
 
 
 def rows(n: int, **drop: bool) -> pa.Table:

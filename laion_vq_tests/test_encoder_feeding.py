@@ -29,8 +29,8 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
 from laion_vq.defs.feeding import ENCODED_BY_TAG
-from laion_vq.fixtures.dagster_services import BACKFILL_DONE
-from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.testing.dagster_services import BACKFILL_DONE
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 
@@ -64,8 +64,8 @@ def _wait(services, daemon, what: str, check, timeout: float = 600) -> object:
 def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_encoder(
     tmp_path, image_server, tiny_checkpoint, pg_url
 ):
-    from laion_vq.fixtures.dagster_services import dagster_services
-    from laion_vq.recover_dead_runs import worker_pids
+    from laion_vq.deploy.recover_dead_runs import worker_pids
+    from laion_vq.testing.dagster_services import dagster_services
 
     photos = image_server.photo_paths()
     urls = [

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from laion_vq.fixtures.hostile_server import (
+from laion_vq.testing.hostile_server import (
     BOMB_SIDE,
     RESET_AFTER,
     ZEROS_AFTER,

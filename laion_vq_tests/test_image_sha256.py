@@ -11,9 +11,9 @@ import tarfile
 import pyarrow.parquet as pq
 
 from laion_vq.download import DownloadOptions
-from laion_vq.fixtures.synthetic_metadata import laion_table
 from laion_vq.shards.storage import StorageLayout, publish_bytes
 from laion_vq.stages import download_image_shard, encode_code_shard
+from laion_vq.testing.synthetic_metadata import laion_table
 
 from .conftest import TINY_MODEL, _jpeg
 

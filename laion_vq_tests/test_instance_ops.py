@@ -4,7 +4,7 @@
   run is failed with the signal that killed it, run monitoring frees its slot, run retries re-run only the
   unfinished step, and the retry gets the slot and completes.
 - Without it (`dagster asset materialize` in a shell, embedded SQLite instance): the slot stays claimed and
-  a re-run of the shard waits for it, until the one-line recovery `python -m laion_vq.recover_dead_runs`
+  a re-run of the shard waits for it, until the one-line recovery `python -m laion_vq.deploy.recover_dead_runs`
   fails the dead run and frees the slot; the waiting re-run then completes.
 
 The downloads are kept busy by `/drip.jpg` URLs (one byte a second, a 600 s deadline) until the worker is
@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from laion_vq.fixtures.hostile_server import HostileServer
-from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.testing.hostile_server import HostileServer
+from laion_vq.testing.synthetic_metadata import write_parts
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,8 +104,8 @@ def _engine_messages(instance, run_id: str) -> list[str]:
 def test_daemon_fails_killed_run_frees_its_slot_and_retries_it(tmp_path, shard_env):
     from dagster._core.storage.dagster_run import DagsterRunStatus
 
-    from laion_vq.fixtures.dagster_services import PRODUCTION_YAML, dagster_services, postgres_database
-    from laion_vq.recover_dead_runs import worker_pids
+    from laion_vq.deploy.recover_dead_runs import worker_pids
+    from laion_vq.testing.dagster_services import PRODUCTION_YAML, dagster_services, postgres_database
 
     env, dripper = shard_env
     production = yaml.safe_load(PRODUCTION_YAML.read_text())
@@ -227,7 +227,7 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
     env = {k: v for k, v in {**os.environ, **env}.items() if not k.startswith("LAION_VQ_")}
     env["DAGSTER_HOME"] = str(home)
     dagster = str(BIN / "dagster")
-    recover = [str(BIN / "python"), "-m", "laion_vq.recover_dead_runs"]
+    recover = [str(BIN / "python"), "-m", "laion_vq.deploy.recover_dead_runs"]
 
     assert "Set concurrency limit for download to 1." in _cli(
         env, dagster, "instance", "concurrency", "set", "download", "1"
@@ -301,7 +301,7 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
             timeout=60,
         )
         assert f"run {dead_id} (__ASSET_JOB, partition {SHARD}, STARTED; worker process" in said, said[-3000:]
-        assert "GONE on this machine" in said and "python -m laion_vq.recover_dead_runs" in said, said[-3000:]
+        assert "GONE on this machine" in said and "python -m laion_vq.deploy.recover_dead_runs" in said, said[-3000:]
 
         # 3. the one-line recovery: the dead run is failed with its reason, its slot freed; the live re-run is
         #    left alone and now gets the slot
@@ -315,7 +315,7 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
         assert dead.status == DagsterRunStatus.FAILURE
         failure = [m for m in _engine_messages(instance, dead_id) if m.startswith("Run worker gone")]
         assert failure and f"process {first.pid} on " in failure[0] and "download/image_tars" in failure[0], failure
-        assert "python -m laion_vq.recover_dead_runs" in failure[0]
+        assert "python -m laion_vq.deploy.recover_dead_runs" in failure[0]
 
         assert second.wait(WAIT_S) == 0, second_log.read_text(errors="replace")[-4000:]
         assert "RUN_SUCCESS" in second_log.read_text(errors="replace")
@@ -333,7 +333,7 @@ def test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery(
 
 
 def test_recovery_judges_pids_by_their_start_time():
-    from laion_vq.recover_dead_runs import process_alive
+    from laion_vq.deploy.recover_dead_runs import process_alive
 
     assert process_alive(os.getpid(), seen_at=time.time())
     if Path("/proc/self/stat").exists():

@@ -17,7 +17,7 @@ from laion_vq import settings
 from laion_vq.defs.assets import corrupted_shards_report, raw_metadata_shards
 from laion_vq.defs.checks import SHARD_CHECKS, tagged_shards
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGANEncoderResource
-from laion_vq.fixtures.synthetic_metadata import write_parts
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 

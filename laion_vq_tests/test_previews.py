@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
+from laion_vq.report.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
 
 
 def _decode(png: bytes) -> Image.Image:

@@ -20,9 +20,9 @@ from laion_vq.defs.check_state import REMOVED_IMAGES_CHECK
 from laion_vq.defs.checks import SHARD_CHECKS
 from laion_vq.defs.removals import apply_removals, removal_lists, removal_lists_sensor
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
-from laion_vq.fixtures.demo_inputs import shard_urls
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.demo_inputs import shard_urls
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 

@@ -18,9 +18,9 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.checks import code_parquets_contract
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
-from laion_vq.fixtures.demo_inputs import shard_urls
-from laion_vq.fixtures.synthetic_metadata import laion_table
 from laion_vq.shards.storage import StorageLayout, publish_file, read_bytes
+from laion_vq.testing.demo_inputs import shard_urls
+from laion_vq.testing.synthetic_metadata import laion_table
 
 from .conftest import TINY_MODEL
 

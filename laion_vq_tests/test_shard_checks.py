@@ -30,10 +30,10 @@ from laion_vq.defs.checks import SHARD_CHECKS
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.download.img2dataset_shard import expected_key
-from laion_vq.fixtures.dagster_services import postgres_database
-from laion_vq.fixtures.synthetic_metadata import write_parts
 from laion_vq.shards.exclusions import write_exclusions
 from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.dagster_services import postgres_database
+from laion_vq.testing.synthetic_metadata import write_parts
 
 from .conftest import TINY_MODEL
 

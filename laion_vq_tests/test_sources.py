@@ -1,5 +1,5 @@
 """Metadata source presets (`laion_vq/shards/sources.py`) and the parts fabricated in their layouts
-(`laion_vq/fixtures/source_parts.py`): every preset is well formed, and every layout and file format reads
+(`laion_vq/testing/source_parts.py`): every preset is well formed, and every layout and file format reads
 back with the columns, types and values that were written."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
-from laion_vq.fixtures.source_parts import EXTRA_COLUMNS, extra_columns, write_source_part
 from laion_vq.shards.schema import CAPTION_COLUMN, LAION_SCHEMA, URL_COLUMN
 from laion_vq.shards.sources import (
     DEFAULT_PRESET,
@@ -25,6 +24,7 @@ from laion_vq.shards.sources import (
     preset,
     type_spec,
 )
+from laion_vq.testing.source_parts import EXTRA_COLUMNS, extra_columns, write_source_part
 
 PRESET_ORDER = ["laion400m", "relaion5b", "laion5b", "datacomp", "coyo700m", "cc12m"]
 URLS = [f"http://127.0.0.1:8000/img/{i}.jpg?size=256,256" for i in range(7)]

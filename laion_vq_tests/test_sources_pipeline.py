@@ -19,7 +19,6 @@ from laion_vq.audit import audit_code_shard, audit_image_shard
 from laion_vq.download import DownloadOptions
 from laion_vq.download.img2dataset_shard import expected_key, stored_column_name
 from laion_vq.encode.shard import CodesVersionError
-from laion_vq.fixtures.source_parts import write_source_part
 from laion_vq.shards.codes import read_codes_provenance
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import CODES_SCHEMA
@@ -27,6 +26,7 @@ from laion_vq.shards.sources import PRESETS, preset
 from laion_vq.shards.storage import StorageLayout
 from laion_vq.stages import download_image_shard, encode_code_shard
 from laion_vq.stages.metadata import write_metadata_shard
+from laion_vq.testing.source_parts import write_source_part
 
 from .conftest import TINY_MODEL
 

@@ -16,9 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_vq.download import DownloadOptions
-from laion_vq.fixtures.hostile_server import HostileServer
-from laion_vq.fixtures.image_server import ImageServer
-from laion_vq.fixtures.synthetic_metadata import laion_table
 from laion_vq.shards.storage import StorageLayout
 from laion_vq.stages import (
     SCRATCH_PREFIX,
@@ -28,6 +25,9 @@ from laion_vq.stages import (
     refuse_worse_download,
     remove_stale_scratch,
 )
+from laion_vq.testing.hostile_server import HostileServer
+from laion_vq.testing.image_server import ImageServer
+from laion_vq.testing.synthetic_metadata import laion_table
 
 SAMPLES = 100
 FAST = DownloadOptions(timeout=2, thread_count=8)

@@ -97,9 +97,9 @@ def test_download_logs_progress_while_img2dataset_works(tmp_path, image_server):
     import io as _io
 
     from laion_vq.download import DownloadOptions
-    from laion_vq.fixtures.synthetic_metadata import laion_table
     from laion_vq.shards.storage import publish_bytes
     from laion_vq.stages import download_image_shard
+    from laion_vq.testing.synthetic_metadata import laion_table
 
     layout = StorageLayout(str(tmp_path))
     urls = [image_server.url(p) for p in image_server.photo_paths()[:4]] + [image_server.url("/slow/0.jpg")]

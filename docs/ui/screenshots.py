@@ -108,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     python = os.environ.get("PLAYWRIGHT_PYTHON", sys.executable)  # playwright is a dev extra
     from laion_vq import demo
-    from laion_vq.fixtures.dagster_services import EMBEDDED_YAML, dagster_services
+    from laion_vq.testing.dagster_services import EMBEDDED_YAML, dagster_services
 
     if args.reuse:
         workdir = Path(args.reuse)

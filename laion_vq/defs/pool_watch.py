@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from laion_vq.recover_dead_runs import COMMAND, process_alive, worker_pids
+from laion_vq.deploy.recover_dead_runs import COMMAND, process_alive, worker_pids
 
 FIRST_LOOK_S = 10.0
 INTERVAL_S = 20.0

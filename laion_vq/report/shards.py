@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 import numpy as np
 import polars as pl
 
-from laion_vq.previews import code_usage_png
+from laion_vq.report.previews import code_usage_png
 from laion_vq.report.usage import sum_packed_code_usage
 from laion_vq.shards.storage import exists, publish_bytes, read_bytes
 

@@ -21,7 +21,7 @@ from laion_vq.defs.feeding import BackfillFeed, backfill_of
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.encode.pipeline import EncodePipeline
-from laion_vq.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
+from laion_vq.report.previews import code_usage_png, png_markdown, samples_vs_reconstructions_png
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError

@@ -18,8 +18,8 @@ from laion_vq.defs.assets.codes import code_parquets
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations, latest_results
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
-from laion_vq.previews import png_markdown
 from laion_vq.report.card import dataset_card, included_code_files
+from laion_vq.report.previews import png_markdown
 from laion_vq.report.shards import (
     CHECKS_SCHEMA,
     CODES_SCHEMA_REPORT,

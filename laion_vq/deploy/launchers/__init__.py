@@ -2,7 +2,8 @@
 launchers, with each run placed by the tags its steps carry (`placement.py`), so encoder runs land on GPU
 hosts and downloads on CPU hosts however the run was created.
 
-`laion_vq.launchers.ecs.LaionEcsRunLauncher` (dagster-aws) and `laion_vq.launchers.k8s.LaionK8sRunLauncher`
+`laion_vq.deploy.launchers.ecs.LaionEcsRunLauncher` (dagster-aws) and
+`laion_vq.deploy.launchers.k8s.LaionK8sRunLauncher`
 (dagster-k8s, the `deploy` extra) are imported by the instance (`run_launcher:` in its yaml), never by
 the code location.
 """

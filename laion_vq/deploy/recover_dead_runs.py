@@ -1,9 +1,9 @@
 """Fail the runs whose worker process died, and give their pool slots back: the one-line recovery where no
 daemon watches the runs.
 
-    python -m laion_vq.recover_dead_runs            # DAGSTER_HOME as for `dagster asset materialize`
-    python -m laion_vq.recover_dead_runs --dry-run  # only say what it would do
-    python -m laion_vq.recover_dead_runs --run-id ID [--run-id ID …]
+    python -m laion_vq.deploy.recover_dead_runs            # DAGSTER_HOME as for `dagster asset materialize`
+    python -m laion_vq.deploy.recover_dead_runs --dry-run  # only say what it would do
+    python -m laion_vq.deploy.recover_dead_runs --run-id ID [--run-id ID …]
 
 A run executed in a shell (`dagster asset materialize`, `dagster job execute`, the demo) runs its steps in
 that shell's process. Killed there (SIGKILL, the OOM killer, a closed terminal) it stays STARTED forever
@@ -44,7 +44,7 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
-COMMAND = "python -m laion_vq.recover_dead_runs"
+COMMAND = "python -m laion_vq.deploy.recover_dead_runs"
 #: Run states in which a run worker should be alive.
 WORKER_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 #: A live process that started this long after Dagster recorded the pid is another process (pid reused).

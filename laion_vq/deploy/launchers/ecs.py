@@ -27,7 +27,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster_aws.ecs import EcsRunLauncher
 from dagster_aws.ecs.container_context import EcsContainerContext
 
-from laion_vq.launchers.placement import placed_run, wants_gpu
+from laion_vq.deploy.launchers.placement import placed_run, wants_gpu
 
 
 def _split(value: str | None) -> list[str]:

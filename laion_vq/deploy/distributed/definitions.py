@@ -8,7 +8,7 @@ its results come back over the broker (`rpc://`), `LAION_VQ_CELERY_QUEUE_PREFIX`
 
     # deploy/celery/workspace.yaml
     load_from:
-      - python_module: {module_name: laion_vq.distributed.definitions, working_directory: .}
+      - python_module: {module_name: laion_vq.deploy.distributed.definitions, working_directory: .}
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 from dagster._record import copy
 
 from laion_vq import definitions as single_machine
-from laion_vq.distributed.executor import celery_pool_executor
+from laion_vq.deploy.distributed.executor import celery_pool_executor
 
 executor = celery_pool_executor.configured(
     {

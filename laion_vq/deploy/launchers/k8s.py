@@ -22,7 +22,7 @@ from dagster_k8s import K8sRunLauncher
 from dagster_k8s.container_context import K8sContainerContext
 from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig
 
-from laion_vq.launchers.placement import placed_run, wants_gpu
+from laion_vq.deploy.launchers.placement import placed_run, wants_gpu
 
 
 class LaionK8sRunLauncher(K8sRunLauncher):
