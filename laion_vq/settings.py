@@ -180,6 +180,15 @@ ENCODE_FEED_POLL_SECONDS = Setting(
     "LAION_VQ_ENCODE_FEED_POLL_SECONDS", 2, "how often a fed encoder run looks for newly landed tars"
 )
 
+CELERY_BROKER = Setting(
+    "LAION_VQ_CELERY_BROKER",
+    None,
+    "the Celery code location's broker (`amqp://USER:PASSWORD@HOST:5672//`; results come back over it, rpc://)",
+)
+CELERY_QUEUE_PREFIX = Setting(
+    "LAION_VQ_CELERY_QUEUE_PREFIX", "", "prefix of the Celery queue names (`<prefix>gpu`, `<prefix>download`)"
+)
+
 ALL_SETTINGS = (
     STORAGE,
     METADATA,
@@ -221,6 +230,8 @@ ALL_SETTINGS = (
     ENCODE_FEED_POLL_SECONDS,
     SCHEDULE_SHARDS_PER_TICK,
     SCHEDULE_MAX_FAILURES,
+    CELERY_BROKER,
+    CELERY_QUEUE_PREFIX,
 )
 
 #: Variables that no longer do anything, and what replaced them: set, they are an error rather than ignored.

@@ -44,17 +44,7 @@ from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGA
 from laion_vq.shards.exclusions import read_exclusions
 from laion_vq.shards.metadata import ShardOutOfRange
 from laion_vq.shards.numbering import parse_shard_key
-from laion_vq.shards.storage import StorageLayout, filesystem
-
-
-def _stored_shards(directory: str, suffix: str) -> set[str]:
-    """Shard keys of the `NNNNN<suffix>` files in `directory` (other names are not shards)."""
-    fs, path = filesystem(directory)
-    if not fs.exists(path):
-        return set()
-    names = (p.rsplit("/", 1)[-1].removesuffix(suffix) for p in fs.glob(path.rstrip("/") + f"/*{suffix}"))
-    return {name for name in names if name.isdigit() and len(name) == 5}
-
+from laion_vq.shards.storage import StorageLayout, stored_shards
 
 #: Run tag that scopes an `audit_shards` run to some shards (`00001,00007`): set in the Launchpad's *Edit tags*,
 #: since a partitioned check cannot be executed on its own from the UI.
@@ -84,7 +74,7 @@ def _shards_to_audit(context: dg.AssetCheckExecutionContext, asset_key: dg.Asset
     tagged = tagged_shards(context.run.tags)
     if tagged is not None:
         return tagged
-    keys = set(context.instance.get_materialized_partitions(asset_key)) | _stored_shards(directory, ".parquet")
+    keys = set(context.instance.get_materialized_partitions(asset_key)) | stored_shards(directory, ".parquet")
     return sorted(k for k in keys if shard_partitions.has_partition_key(k))
 
 

@@ -66,6 +66,7 @@ from laion_vq.download.shard_files import (
     removed_by_reason,
     verify_shard_files,
 )
+from laion_vq.shards.numbering import SHARD_DIGITS
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
@@ -163,13 +164,13 @@ class ShardDownloadResult:
     filtered: int = 0
 
 
-def shard_name(shard_id: int, shard_digits: int = 5) -> str:
+def shard_name(shard_id: int, shard_digits: int = SHARD_DIGITS) -> str:
     """The output file stem img2dataset uses for a shard: `3` → `"00003"`."""
     _check_shard_id(shard_id, shard_digits)
     return f"{shard_id:0{shard_digits}d}"
 
 
-def expected_key(shard_id: int, index: int, samples_per_shard: int, shard_digits: int = 5) -> str:
+def expected_key(shard_id: int, index: int, samples_per_shard: int, shard_digits: int = SHARD_DIGITS) -> str:
     """The sample key img2dataset writes for row `index` of shard `shard_id` (via its `compute_key`).
 
     For 10,000 samples/shard and 5 shard digits that is `NNNNNiiii`: shard 3, row 1 → `"000030001"`.
@@ -189,7 +190,7 @@ def download_shard(
     output_dir: str,
     *,
     samples_per_shard: int,
-    shard_digits: int = 5,
+    shard_digits: int = SHARD_DIGITS,
     url_col: str = URL_COLUMN,
     caption_col: str = CAPTION_COLUMN,
     additional_columns: Sequence[str] = EXTRA_COLUMNS,

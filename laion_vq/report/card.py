@@ -17,7 +17,7 @@ import polars as pl
 import yaml
 
 from laion_vq.report.shards import ShardReport
-from laion_vq.shards.numbering import SHARD_DIGITS
+from laion_vq.shards.numbering import SHARD_DIGITS, is_shard_key
 from laion_vq.shards.sources import DEFAULT_PRESET, PRESETS, SourceFormat, title
 from laion_vq.shards.storage import TMP_MARKER
 
@@ -36,7 +36,7 @@ _SIZE_CATEGORIES = (
 def _shard_of(file_name: str) -> str | None:
     """`00042.parquet` → `00042`; anything else (the card, temp files, other names) → None."""
     stem, dot, ext = file_name.partition(".")
-    if dot and ext == "parquet" and len(stem) == SHARD_DIGITS and stem.isdigit() and TMP_MARKER not in file_name:
+    if dot and ext == "parquet" and is_shard_key(stem) and TMP_MARKER not in file_name:
         return stem
     return None
 

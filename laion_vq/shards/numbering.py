@@ -25,6 +25,11 @@ def parse_shard_key(key: str, digits: int = SHARD_DIGITS) -> int:
     return int(key)
 
 
+def is_shard_key(name: str, digits: int = SHARD_DIGITS) -> bool:
+    """Whether `name` spells a shard key (`00042`): file listings hold other names too."""
+    return len(name) == digits and name.isdigit()
+
+
 def shard_keys(num_shards: int, digits: int = SHARD_DIGITS) -> list[str]:
     """All shard keys `00000` … `{num_shards-1:05d}`, in order."""
     if num_shards < 1 or num_shards > 10**digits:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from laion_vq.shards.numbering import shard_key
+from laion_vq.shards.numbering import is_shard_key, shard_key
 
 TMP_MARKER = ".tmp-"
 
@@ -82,6 +82,16 @@ class StorageLayout:
 
     def code_shard(self, model: str, shard_id: int) -> str:
         return self._join("codes", model, f"{shard_key(shard_id)}.parquet")
+
+
+def stored_shards(directory: str, suffix: str) -> set[str]:
+    """Shard keys of the `NNNNN<suffix>` files in `directory` (other names, temp files included, are not
+    shards); empty when the folder does not exist."""
+    fs, path = filesystem(directory)
+    if not fs.exists(path):
+        return set()
+    names = (p.rsplit("/", 1)[-1].removesuffix(suffix) for p in fs.glob(path.rstrip("/") + f"/*{suffix}"))
+    return {name for name in names if is_shard_key(name)}
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

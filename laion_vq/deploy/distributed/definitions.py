@@ -13,20 +13,19 @@ its results come back over the broker (`rpc://`), `LAION_VQ_CELERY_QUEUE_PREFIX`
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from dagster._record import copy
 
 from laion_vq import definitions as single_machine
+from laion_vq import settings
 from laion_vq.deploy.distributed.executor import celery_pool_executor
 
 executor = celery_pool_executor.configured(
     {
-        "broker": {"env": "LAION_VQ_CELERY_BROKER"},
+        "broker": {"env": settings.CELERY_BROKER.env},
         "backend": "rpc://",
-        "queue_prefix": os.environ.get("LAION_VQ_CELERY_QUEUE_PREFIX", ""),
+        "queue_prefix": settings.CELERY_QUEUE_PREFIX.get_str() or "",
     },
     name="celery_pool",
 )
