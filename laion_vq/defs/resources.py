@@ -6,20 +6,47 @@ import os
 from typing import Any
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from laion_vq import settings
-from laion_vq.settings import Setting
+from laion_vq.settings import DecodeDevice, EncodeMode, IndexRule, MetadataFormat, ResizeMode, Setting
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.storage import StorageLayout, is_local
 
 
-def _from_env(setting: Setting, as_int: bool = False) -> Any:
-    """An EnvVar when the operator set the variable (the UI then shows its source), else the default."""
-    if setting.raw() is None:
-        return setting.get_int() if as_int else setting.get_str()
-    setting.get_int() if as_int else None  # validate early, with the variable's name in the error
-    return dg.EnvVar.int(setting.env) if as_int else dg.EnvVar(setting.env)
+def _from_env(setting: Setting[Any]) -> Any:
+    """The setting's value, checked now (a bad one fails loading the code location, naming the variable): an
+    EnvVar when the operator set it and Dagster can take one (the UI then shows its source), else the value.
+
+    Dagster's EnvVars are str and int only, and a `Literal` field (a setting with choices and a default: the
+    launchpad offers the choices) is an enum, which takes none: those get the value itself."""
+    value = setting.get()
+    literal = setting.choices is not None and setting.default is not None
+    if setting.raw() is None or literal or setting.type not in (str, int):
+        return value
+    return dg.EnvVar.int(setting.env) if setting.type is int else dg.EnvVar(setting.env)
+
+
+def _field(setting: Setting[Any]) -> Any:
+    """A resource field defaulting to the setting's default, described in the launchpad by its help and
+    variable."""
+    return Field(default=setting.default, description=f"{setting.help} ({setting.env})")
+
+
+def _choices(resource: str, **fields: Setting[Any]) -> Any:
+    """A validator refusing a field value that is none of its setting's choices, naming the variable: a resource
+    built in code fails as clearly as one configured from the environment or the launchpad."""
+
+    def check(cls: type, value: Any, info: ValidationInfo) -> Any:
+        setting = fields[str(info.field_name)]
+        if value is None or isinstance(value, dg.EnvVar) or setting.choices is None or value in setting.choices:
+            return value
+        raise dg.Failure(
+            description=f"{setting.env} (the `{resource}` resource's `{info.field_name}`) must be one of "
+            f"{', '.join(setting.choices)}, got {value!r}"
+        )
+
+    return field_validator(*fields, mode="before")(check)
 
 
 def _start_pool_watch(context: dg.InitResourceContext) -> Any:
@@ -70,13 +97,15 @@ class LaionMetadataResource(dg.ConfigurableResource):
     caption columns and the file format overridable), how many samples make a shard, and the filter rows must
     pass (`row_filter`, a SQL predicate; empty: none)."""
 
-    source: str
-    samples_per_shard: int = settings.SAMPLES_PER_SHARD.default  # type: ignore[assignment]
-    format: str = settings.METADATA_FORMAT.default  # type: ignore[assignment]
-    url_column: str | None = None
-    caption_column: str | None = None
-    input_format: str | None = None
-    row_filter: str | None = None
+    source: str = Field(description=f"{settings.METADATA.help} ({settings.METADATA.env})")
+    samples_per_shard: int = _field(settings.SAMPLES_PER_SHARD)
+    format: MetadataFormat = _field(settings.METADATA_FORMAT)
+    url_column: str | None = _field(settings.URL_COLUMN)
+    caption_column: str | None = _field(settings.CAPTION_COLUMN)
+    #: not a Literal: Dagster has no optional enum (None: the format's)
+    input_format: str | None = _field(settings.INPUT_FORMAT)
+    row_filter: str | None = _field(settings.FILTER)
+    check_choices = _choices("metadata", format=settings.METADATA_FORMAT, input_format=settings.INPUT_FORMAT)
 
     def source_format(self):
         """The preset with the operator's overrides; an unknown preset or file format fails naming the setting."""
@@ -127,19 +156,24 @@ class DownloaderResource(dg.ConfigurableResource):
     stored shard (`min_rate_ratio`), for the day the web really lost those images.
     """
 
-    thread_count: int = settings.DOWNLOAD_THREADS.default  # type: ignore[assignment]
-    timeout: int = settings.DOWNLOAD_TIMEOUT.default  # type: ignore[assignment]
-    retries: int = settings.DOWNLOAD_RETRIES.default  # type: ignore[assignment]
-    deadline: int = settings.DOWNLOAD_DEADLINE.default  # type: ignore[assignment]
-    max_bytes: int = settings.DOWNLOAD_MAX_BYTES.default  # type: ignore[assignment]
-    max_redirects: int = settings.DOWNLOAD_MAX_REDIRECTS.default  # type: ignore[assignment]
-    buffer_bytes: int = settings.DOWNLOAD_BUFFER_BYTES.default  # type: ignore[assignment]
-    allow_networks: str | None = None  # None: LAION_VQ_DOWNLOAD_ALLOW_NETWORKS, read where the download runs
-    min_rate_ratio: float = float(settings.DOWNLOAD_MIN_RATE_RATIO.default)  # type: ignore[arg-type]
-    replace_worse: bool = False
-    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
-    resize_mode: str = settings.RESIZE_MODE.default  # type: ignore[assignment]
+    thread_count: int = _field(settings.DOWNLOAD_THREADS)
+    timeout: int = _field(settings.DOWNLOAD_TIMEOUT)
+    retries: int = _field(settings.DOWNLOAD_RETRIES)
+    deadline: int = _field(settings.DOWNLOAD_DEADLINE)
+    max_bytes: int = _field(settings.DOWNLOAD_MAX_BYTES)
+    max_redirects: int = _field(settings.DOWNLOAD_MAX_REDIRECTS)
+    buffer_bytes: int = _field(settings.DOWNLOAD_BUFFER_BYTES)
+    #: None: the variable, read where the download runs (`DownloadOptions`)
+    allow_networks: str | None = Field(
+        default=None,
+        description=f"{settings.DOWNLOAD_ALLOW_NETWORKS.help} (unset: {settings.DOWNLOAD_ALLOW_NETWORKS.env})",
+    )
+    min_rate_ratio: float = _field(settings.DOWNLOAD_MIN_RATE_RATIO)
+    replace_worse: bool = _field(settings.DOWNLOAD_REPLACE_WORSE)
+    image_size: int = _field(settings.IMAGE_SIZE)
+    resize_mode: ResizeMode = _field(settings.RESIZE_MODE)
     encode_quality: int = settings.ENCODE_QUALITY
+    check_choices = _choices("downloader", resize_mode=settings.RESIZE_MODE)
     _watch: Any = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -173,20 +207,23 @@ class VQGANEncoderResource(dg.ConfigurableResource):
     `laion_vq.vqgan.sampling`). The model loads once per run and serves all its shards; GPU memory is given
     back when the run ends."""
 
-    model: str = settings.MODEL.default  # type: ignore[assignment]
-    checkpoint: str | None = None
-    device: str = settings.DEVICE.default  # type: ignore[assignment]
-    batch_size: int = settings.ENCODE_BATCH_SIZE.default  # type: ignore[assignment]
-    mode: str = settings.ENCODE_MODE.default  # type: ignore[assignment]
-    compile_cache: str | None = None
-    decode_device: str = settings.DECODE_DEVICE.default  # type: ignore[assignment]
-    decode_workers: int = settings.DECODE_WORKERS.default  # type: ignore[assignment]
-    index_rule: str = settings.INDEX_RULE.default  # type: ignore[assignment]
-    preview_samples: int = settings.PREVIEW_SAMPLES.default  # type: ignore[assignment]
-    codes_name: str | None = None
-    replace_codes: bool = False
+    model: str = _field(settings.MODEL)
+    checkpoint: str | None = _field(settings.CHECKPOINT)
+    device: str = _field(settings.DEVICE)
+    batch_size: int = _field(settings.ENCODE_BATCH_SIZE)
+    mode: EncodeMode = _field(settings.ENCODE_MODE)
+    compile_cache: str | None = _field(settings.COMPILE_CACHE)
+    decode_device: DecodeDevice = _field(settings.DECODE_DEVICE)
+    decode_workers: int = _field(settings.DECODE_WORKERS)
+    index_rule: IndexRule = _field(settings.INDEX_RULE)
+    preview_samples: int = _field(settings.PREVIEW_SAMPLES)
+    codes_name: str | None = _field(settings.CODES_NAME)
+    replace_codes: bool = _field(settings.REPLACE_CODES)
     #: the side of the downloaded images (`LAION_VQ_IMAGE_SIZE`, the downloader's too): the code grid is it ÷ f
-    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
+    image_size: int = _field(settings.IMAGE_SIZE)
+    check_choices = _choices(
+        "encoder", mode=settings.ENCODE_MODE, decode_device=settings.DECODE_DEVICE, index_rule=settings.INDEX_RULE
+    )
     _loaded: Any = PrivateAttr(default=None)
     _checkpoint_sha256: str | None = PrivateAttr(default=None)
     _random_weights: bool | None = PrivateAttr(default=None)
@@ -360,7 +397,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "storage": StorageResource(root=_from_env(settings.STORAGE)),
         "metadata": LaionMetadataResource(
             source=_from_env(settings.METADATA),
-            samples_per_shard=_from_env(settings.SAMPLES_PER_SHARD, as_int=True),
+            samples_per_shard=_from_env(settings.SAMPLES_PER_SHARD),
             format=_from_env(settings.METADATA_FORMAT),
             url_column=_from_env(settings.URL_COLUMN),
             caption_column=_from_env(settings.CAPTION_COLUMN),
@@ -368,32 +405,32 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             row_filter=_from_env(settings.FILTER),
         ),
         "downloader": DownloaderResource(
-            thread_count=_from_env(settings.DOWNLOAD_THREADS, as_int=True),
-            timeout=_from_env(settings.DOWNLOAD_TIMEOUT, as_int=True),
-            retries=_from_env(settings.DOWNLOAD_RETRIES, as_int=True),
-            deadline=_from_env(settings.DOWNLOAD_DEADLINE, as_int=True),
-            max_bytes=_from_env(settings.DOWNLOAD_MAX_BYTES, as_int=True),
-            max_redirects=_from_env(settings.DOWNLOAD_MAX_REDIRECTS, as_int=True),
-            buffer_bytes=_from_env(settings.DOWNLOAD_BUFFER_BYTES, as_int=True),
+            thread_count=_from_env(settings.DOWNLOAD_THREADS),
+            timeout=_from_env(settings.DOWNLOAD_TIMEOUT),
+            retries=_from_env(settings.DOWNLOAD_RETRIES),
+            deadline=_from_env(settings.DOWNLOAD_DEADLINE),
+            max_bytes=_from_env(settings.DOWNLOAD_MAX_BYTES),
+            max_redirects=_from_env(settings.DOWNLOAD_MAX_REDIRECTS),
+            buffer_bytes=_from_env(settings.DOWNLOAD_BUFFER_BYTES),
             allow_networks=_from_env(settings.DOWNLOAD_ALLOW_NETWORKS) or None,
-            min_rate_ratio=settings.DOWNLOAD_MIN_RATE_RATIO.get_float(),
-            replace_worse=bool(settings.DOWNLOAD_REPLACE_WORSE.get_int()),
-            image_size=_from_env(settings.IMAGE_SIZE, as_int=True),
+            min_rate_ratio=_from_env(settings.DOWNLOAD_MIN_RATE_RATIO),
+            replace_worse=_from_env(settings.DOWNLOAD_REPLACE_WORSE),
+            image_size=_from_env(settings.IMAGE_SIZE),
             resize_mode=_from_env(settings.RESIZE_MODE),
         ),
         "encoder": VQGANEncoderResource(
             model=_from_env(settings.MODEL),
             checkpoint=_from_env(settings.CHECKPOINT),
             device=_from_env(settings.DEVICE),
-            batch_size=_from_env(settings.ENCODE_BATCH_SIZE, as_int=True),
+            batch_size=_from_env(settings.ENCODE_BATCH_SIZE),
             mode=_from_env(settings.ENCODE_MODE),
             compile_cache=_from_env(settings.COMPILE_CACHE),
             decode_device=_from_env(settings.DECODE_DEVICE),
-            decode_workers=_from_env(settings.DECODE_WORKERS, as_int=True),
+            decode_workers=_from_env(settings.DECODE_WORKERS),
             index_rule=_from_env(settings.INDEX_RULE),
-            preview_samples=_from_env(settings.PREVIEW_SAMPLES, as_int=True),
+            preview_samples=_from_env(settings.PREVIEW_SAMPLES),
             codes_name=_from_env(settings.CODES_NAME),
-            replace_codes=bool(settings.REPLACE_CODES.get_int()),
-            image_size=_from_env(settings.IMAGE_SIZE, as_int=True),
+            replace_codes=_from_env(settings.REPLACE_CODES),
+            image_size=_from_env(settings.IMAGE_SIZE),
         ),
     }

@@ -14,7 +14,7 @@ from laion_vq.download.guard import AddressPolicy, FetchLimits, parse_networks
 #: img2dataset's defaults for `disallowed_header_directives` (X-Robots-Tag values we honour).
 DEFAULT_DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
-_RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+_RESIZE_MODES = settings.RESIZE_MODE.choices or ()
 _ENCODE_FORMATS = ("jpg", "png", "webp")
 _HASHES = (None, "md5", "sha256", "sha512")
 
@@ -22,6 +22,10 @@ _HASHES = (None, "md5", "sha256", "sha512")
 @dataclass(frozen=True)
 class DownloadOptions:
     """How images are fetched and re-encoded; defaults are LAION-400M's (256px, border, jpg q95).
+
+    Whatever an operator can set defaults to its setting's declared default (`laion_vq/settings.py`), so the
+    two cannot drift; the environment's values are the downloader resource's to read (`defs/resources.py`),
+    so options built in code get what they ask for. `allow_networks` alone reads its variable, at construction.
 
     `max_image_area` is in pixels of the ORIGINAL image, read from its header before anything decodes
     it: the guard against decompression bombs. `timeout` is seconds per socket operation, `deadline`
@@ -34,23 +38,23 @@ class DownloadOptions:
     and provenance.
     """
 
-    image_size: int = 256
-    resize_mode: str = "border"
+    image_size: int = settings.IMAGE_SIZE.default
+    resize_mode: str = settings.RESIZE_MODE.default
     resize_only_if_bigger: bool = False
     upscale_interpolation: str = "lanczos"
     downscale_interpolation: str = "area"
     encode_format: str = "jpg"
-    encode_quality: int = 95
-    timeout: float = 10
-    deadline: float = 30
-    max_bytes: int = 20_000_000
-    max_redirects: int = 3
-    buffer_bytes: int = 512_000_000
+    encode_quality: int = settings.ENCODE_QUALITY
+    timeout: float = settings.DOWNLOAD_TIMEOUT.default
+    deadline: float = settings.DOWNLOAD_DEADLINE.default
+    max_bytes: int = settings.DOWNLOAD_MAX_BYTES.default
+    max_redirects: int = settings.DOWNLOAD_MAX_REDIRECTS.default
+    buffer_bytes: int = settings.DOWNLOAD_BUFFER_BYTES.default
     allow_networks: tuple[str, ...] = field(
-        default_factory=lambda: tuple(settings.DOWNLOAD_ALLOW_NETWORKS.get_str().split(","))
+        default_factory=lambda: tuple(settings.DOWNLOAD_ALLOW_NETWORKS.get().split(","))
     )
-    retries: int = 0
-    thread_count: int = 32
+    retries: int = settings.DOWNLOAD_RETRIES.default
+    thread_count: int = settings.DOWNLOAD_THREADS.default
     max_image_area: float = 100_000_000
     max_aspect_ratio: float = float("inf")
     min_image_size: int = 0
