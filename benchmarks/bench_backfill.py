@@ -34,13 +34,7 @@ extrapolated from the measured rate two ways — every run priced like a downloa
 priced by the asset partitions it covers (Dagster writes one planned event per asset partition, so an
 encoder run of many shards costs more) — the enqueue work, not the waiting on downloads.
 
-What the iteration costs (`--profile SECONDS`: the daemon's own iteration function run in this process
-under cProfile, 10,000 partitions, this 2-core machine): ~180 ms per download run, of which ~85 ms are
-the planned events (one per asset partition: 8 per 4-shard run, plus the check's), ~57 ms the queued
-coordinator's submit, ~20 ms the backfill row rewritten every 25 runs with the runs still to submit;
-across all of it, 37 new PostgreSQL connections per run (dagster-postgres opens one per operation:
-~40% of the time) and ~60 statements. The daemon's backfill loop submits one backfill's runs one after
-another in one thread.
+Where a run's time goes inside the daemon: `benchmarks/bench_backfill_profile.py`.
 
 Daemon settings compared (`--variants`, each a fresh deployment; yaml keys replace the production yaml's):
 
@@ -59,7 +53,6 @@ Daemon settings compared (`--variants`, each a fresh deployment; yaml keys repla
 
     .venv/bin/python benchmarks/bench_backfill.py --partitions 10000 --minutes 10
     .venv/bin/python benchmarks/bench_backfill.py --minutes 2 --variants production,chunk-250,production
-    .venv/bin/python benchmarks/bench_backfill.py --profile 60
 
 Targets printed at the end: backfill created < 5 s, partition status < 1 s, every run enqueued < 10 min.
 """
@@ -622,88 +615,12 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
-#: What one run costs inside the daemon's iteration, by the functions that do it (file suffix, function).
-PROFILE_PARTS = [
-    ("submit_asset_runs.py", "submit_asset_run", "create + submit one run (all of it)"),
-    ("run_domain.py", "create_run", "  create_run: the run row, snapshots, planned events"),
-    ("run_domain.py", "_log_asset_planned_events", "    one planned event per asset partition (+ check)"),
-    ("run_launcher_methods.py", "submit_run", "  submit_run: QueuedRunCoordinator → RUN_ENQUEUED"),
-    ("asset_backfill.py", "_write_updated_backfill_data", "rewrite the backfill row (every chunk of runs)"),
-    ("~", "<built-in method psycopg2._psycopg._connect>", "opening PostgreSQL connections (NullPool)"),
-    ("~", "<method 'execute' of 'psycopg2.extensions.cursor' objects>", "executing SQL"),
-    ("sql_run_storage.py", "has_run_stats_index_cols", "table reflection on run reads"),
-]
-
-
-def profile_iteration(args: argparse.Namespace, workdir: Path) -> None:
-    """The daemon's backfill iteration, run in this process under cProfile for `--profile` seconds.
-
-    The webserver takes the launch; no daemon runs. This process then calls the backfill daemon's own
-    iteration function (`dagster._daemon.backfill.execute_backfill_iteration`) on the same workspace, which
-    plans the backfill and submits its runs one by one; after `--profile` seconds the backfill is marked
-    CANCELING, which the iteration sees at its next chunk boundary. Prints what a run costs, by part.
-    """
-    import cProfile
-    import logging
-    import pstats
-    import threading
-
-    from dagster._core.execution.backfill import BulkActionStatus
-    from dagster._core.workspace.context import WorkspaceProcessContext
-    from dagster._core.workspace.load_target import WorkspaceFileTarget
-    from dagster._daemon.backfill import execute_backfill_iteration
-
-    from laion_vq.shards.numbering import shard_keys
-    from laion_vq.testing.dagster_services import PRODUCTION_YAML, WORKSPACE, dagster_services, postgres_database
-
-    concurrency = copy.deepcopy(yaml.safe_load(PRODUCTION_YAML.read_text())["concurrency"])
-    concurrency["runs"]["max_concurrent_runs"] = 0
-    env = {"LAION_VQ_NUM_SHARDS": str(args.partitions), "LAION_VQ_STORAGE": str(workdir / "data")}
-    print(f"\n=== profile of the daemon's backfill iteration: {args.partitions} partitions, {args.profile:.0f} s")
-    with (
-        postgres_database("laion_vq_bench") as pg_url,
-        dagster_services(
-            workdir / "dagster_home", pg_url, env=env, overrides={"concurrency": concurrency}, daemon=False
-        ) as services,
-        services.instance() as instance,
-    ):
-        wait_for_location(services)
-        backfill_id = services.launch_backfill(ASSETS, shard_keys(args.partitions))
-        saved = os.environ.get("DAGSTER_PG_URL")
-        os.environ["DAGSTER_PG_URL"] = pg_url  # the code server this process starts reads the instance too
-
-        def cancel_later() -> None:
-            time.sleep(args.profile)
-            instance.update_backfill(instance.get_backfill(backfill_id).with_status(BulkActionStatus.CANCELING))
-
-        try:
-            with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(WORKSPACE)])) as context:
-                threading.Thread(target=cancel_later, daemon=True).start()
-                profiler = cProfile.Profile()
-                t0 = time.perf_counter()
-                profiler.enable()
-                list(execute_backfill_iteration(context, logging.getLogger("bench_backfill")))
-                profiler.disable()
-                wall = time.perf_counter() - t0
-        finally:
-            if saved is None:
-                os.environ.pop("DAGSTER_PG_URL", None)
-            else:
-                os.environ["DAGSTER_PG_URL"] = saved
-        runs = count_runs(instance, backfill_id)
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    print(
-        f"iteration ran {wall:.1f} s under the profiler and created {runs} runs ({runs / wall:.2f} runs/s; "
-        "the profiler slows Python, not PostgreSQL)"
-    )
-    print(f"{'part':<58}{'calls/run':>10}{'ms/run':>9}{'share':>8}")
-    for suffix, name, label in PROFILE_PARTS:
-        calls = cumulative = 0.0
-        for (filename, _, function), (_, ncalls, _, cum, _) in stats.items():
-            if function == name and (suffix == "~" or filename.endswith(suffix)):
-                calls, cumulative = calls + ncalls, cumulative + cum
-        if runs:
-            print(f"{label:<58}{calls / runs:>10.1f}{1000 * cumulative / runs:>9.0f}{cumulative / wall:>8.0%}")
+def prepare_environment(partitions: int) -> None:
+    """This process's settings before anything imports the definitions: the partitions definition is read at
+    import (settings.NUM_SHARDS), and the planner or iteration run here must see the daemon's."""
+    os.environ["LAION_VQ_NUM_SHARDS"] = str(partitions)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    warnings.filterwarnings("ignore", message=".*backfill_policy.*")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -715,28 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-timeout", type=float, default=600.0)
     parser.add_argument("--variants", default="production", help=f"comma-separated, from {sorted(VARIANTS)}")
     parser.add_argument("--workdir", help="where DAGSTER_HOME goes (default: a temp folder)")
-    parser.add_argument(
-        "--profile",
-        type=float,
-        default=0.0,
-        help="instead: profile the daemon's backfill iteration in this process for this many seconds",
-    )
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    # the partitions definition is read at import (settings.NUM_SHARDS): the planner here must match the daemon's
-    os.environ["LAION_VQ_NUM_SHARDS"] = str(args.partitions)
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    warnings.filterwarnings("ignore", message=".*backfill_policy.*")
+    prepare_environment(args.partitions)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_backfill_") as tmp:
         workdir = Path(args.workdir or tmp)
-        if args.profile:
-            profile_iteration(args, workdir / "profile")
-            return 0
         for index, variant in enumerate(variants):  # a variant may repeat (to see the machine's noise)
             results.append(measure(variant, args, workdir / f"{index}"))
     report(results, args)

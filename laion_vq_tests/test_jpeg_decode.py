@@ -18,10 +18,16 @@ import torch
 from PIL import Image
 
 from laion_vq.encode.decode import (
-    CMYK,
-    CODING,
     GPU_BAD_OUTPUT,
     GPU_IMAGE_ERROR,
+    ImageDecoder,
+    decode_rgb,
+    safe_decode,
+    torchvision_decode,
+)
+from laion_vq.encode.jpeg_header import (
+    CMYK,
+    CODING,
     GRAYSCALE,
     NO_EOI,
     NOT_JPEG,
@@ -30,12 +36,8 @@ from laion_vq.encode.decode import (
     SUBSAMPLING,
     UNPARSED_HEADER,
     WRONG_SIZE,
-    ImageDecoder,
-    decode_rgb,
     gpu_refusal,
     parse_jpeg_header,
-    safe_decode,
-    torchvision_decode,
 )
 from laion_vq.vqgan.reference import sample_photos
 

@@ -231,7 +231,7 @@ def test_foreign_globals_load_without_running_code(tmp_path: Path, tiny_ckpt: st
 
 
 def test_placeholders_only_record() -> None:
-    from laion_vq.vqgan.checkpoint import _placeholder
+    from laion_vq.vqgan.safe_pickle import _placeholder
 
     cls = _placeholder("some.module.func")
     obj = cls(1, "two")

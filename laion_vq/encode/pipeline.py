@@ -242,7 +242,7 @@ class EncodePipeline:
         chunks: queue.Queue = queue.Queue(self.queue_depth)
         decoded: queue.Queue = queue.Queue(self.queue_depth)
         threads = [
-            threading.Thread(target=self._read, args=(shard_ids, keep_samples or {}, chunks, stop), daemon=True),
+            threading.Thread(target=self._read, args=(shard_ids, keep_samples if keep_samples is not None else {}, chunks, stop), daemon=True),
             threading.Thread(target=self._decode, args=(chunks, decoded, stop), daemon=True),
         ]
         for thread in threads:

@@ -53,7 +53,7 @@ class CodeSpec:
     model_name: str
     grid: int
     n_embed: int
-    image_size: int = settings.IMAGE_SIZE.default  # type: ignore[assignment]
+    image_size: int = settings.IMAGE_SIZE.default
     codes_name: str | None = None
     provenance: dict = field(default_factory=dict)
     replace_other_versions: bool = False

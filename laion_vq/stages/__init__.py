@@ -4,7 +4,15 @@ No Dagster here: the assets call these and turn the returned numbers into materi
 metadata, and benchmarks or scripts can call them directly. One module per stage.
 """
 
-from laion_vq.stages.codes import CodeShardResult, CodesVersionError, encode_code_shard, refuse_other_version
+from laion_vq.stages.codes import (
+    CodeRun,
+    CodeShardResult,
+    CodeSpec,
+    CodesVersionError,
+    code_spec,
+    encode_code_shard,
+    refuse_other_version,
+)
 from laion_vq.stages.images import (
     SCRATCH_PREFIX,
     ImageShardResult,
@@ -17,11 +25,14 @@ from laion_vq.stages.metadata import MetadataShardResult, write_metadata_shard
 
 __all__ = [
     "SCRATCH_PREFIX",
+    "CodeRun",
     "CodeShardResult",
+    "CodeSpec",
     "CodesVersionError",
     "ImageShardResult",
     "MetadataShardResult",
     "WorseDownloadError",
+    "code_spec",
     "download_image_shard",
     "encode_code_shard",
     "refuse_other_version",

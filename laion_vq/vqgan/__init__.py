@@ -8,15 +8,7 @@ The taming reference used by parity tests and benchmarks is in :mod:`laion_vq.vq
 (dev dependency only, not imported here).
 """
 
-from .checkpoint import (
-    CheckpointError,
-    ForeignObject,
-    has_random_weights,
-    load_decoder,
-    load_encoder,
-    load_state_dict,
-    save_random_checkpoint,
-)
+from .checkpoint import has_random_weights, load_decoder, load_encoder, load_state_dict, save_random_checkpoint
 from .decoder import Decoder, GumbelCodebook, Upsample, VQCodebook, VQGANDecoder
 from .model import VQGANEncoder, preprocess
 from .model_yaml import (
@@ -30,6 +22,7 @@ from .model_yaml import (
 from .modules import AttnBlock, Downsample, Encoder, Normalize, ResnetBlock, nonlinearity
 from .quantizers import GumbelQuantizeHead, VectorQuantizeHead
 from .registry import DEFAULT_MODEL, MODELS, VQGANConfig, get_model_config
+from .safe_pickle import CheckpointError, ForeignObject
 from .sampling import INDEX_RULES, check_index_rule, key_seed
 
 __all__ = [

@@ -1,35 +1,13 @@
-"""Loading (and, for tests/demos, writing) taming-transformers VQGAN checkpoints safely.
+"""Loading (and, for tests/demos, writing) taming-transformers VQGAN checkpoints.
 
-Released VQGAN checkpoints are PyTorch-Lightning ``.ckpt`` files: a ``torch.save``'d dict whose
-``state_dict`` holds the weights, next to training state that pickles *references* to classes of
-``pytorch_lightning`` (e.g. the ``ModelCheckpoint`` class used as a key of ``callbacks``) and
-sometimes ``omegaconf`` objects in ``hyper_parameters``. Neither library is installed here, and a
-plain ``pickle`` load would import -- and could execute -- whatever the file names.
-
-:func:`load_state_dict` therefore uses ``torch.load(weights_only=True)`` and maps every global that
-torch does not allow by default to an inert placeholder class (:class:`ForeignObject`):
-
-Supported
-    * class or function references anywhere in the file (dict keys, values, hyper-parameters);
-    * objects of foreign classes rebuilt through ``REDUCE``/``NEWOBJ``/``BUILD`` (e.g. omegaconf
-      containers, argparse namespaces, objects whose ``__reduce__`` names an arbitrary function):
-      they become :class:`ForeignObject` instances that merely *record* their arguments/state;
-      the named function or class is never imported, let alone called;
-    * zip-format files (torch >= 1.6, what every released VQGAN uses) and legacy-format files.
-
-Not supported (clear :class:`CheckpointError`)
-    * globals from modules that torch refuses even when allowlisted (``os``, ``sys``, ``posix``,
-      ``nt``) -- a weights file has no business naming them;
-    * foreign *dict/list subclasses* filled by ``SETITEMS``/``APPENDS`` (torch only lets exact
-      ``dict``/``list`` receive items) -- a checkpoint whose ``state_dict`` sits next to one cannot
-      be read through the weights-only unpickler;
-    * pickle protocols above 2 (``torch.save`` always writes protocol 2).
+The weights are read through :mod:`laion_vq.vqgan.safe_pickle` (nothing the file names is imported or run);
+this module maps them onto the models: the VQ model's keys (also under ldm's ``first_stage_model.``), a strict
+fit with errors that say what does not fit, and checkpoints of seeded random weights marked as such.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -43,10 +21,11 @@ from torch import nn
 from .decoder import VQGANDecoder
 from .model import VQGANEncoder
 from .registry import VQGANConfig
+from .safe_pickle import CheckpointError, load_weights_only
 
 __all__ = [
     "CheckpointError",
-    "ForeignObject",
+    "has_random_weights",
     "load_decoder",
     "load_encoder",
     "load_state_dict",
@@ -61,95 +40,7 @@ _ENCODER_ONLY_PREFIXES = ("quantize.proj.",)
 FIRST_STAGE_PREFIX = "first_stage_model."
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS — not a trained model; made by laion_vq for tests/demo"
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = b"\x80"
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
-_MAX_LEGACY_RETRIES = 256
 _SHOW = 5
-
-
-class CheckpointError(ValueError):
-    """The file is missing, not a torch checkpoint, unsafe to read, or does not fit the model."""
-
-
-class ForeignObject:
-    """Inert stand-in for a class/function a checkpoint names but we refuse to import.
-
-    A subclass is made per qualified name (``foreign_name``). Calling the class, ``NEWOBJ`` and
-    ``BUILD`` only store their inputs in ``args``/``state``; nothing else ever runs. Subclasses are
-    hashable, so they work as the ``callbacks`` dict keys Lightning writes.
-    """
-
-    foreign_name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
-        obj = super().__new__(cls)
-        obj.args = args
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<ForeignObject {self.foreign_name}>"
-
-
-def _placeholder(qualified_name: str) -> type[ForeignObject]:
-    return type(
-        f"ForeignObject[{qualified_name}]",
-        (ForeignObject,),
-        {"foreign_name": qualified_name, "__module__": __name__},
-    )
-
-
-def _unsafe_globals_zip(path: str) -> list[str]:
-    return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-
-
-def _weights_only_load(path: str, names: list[str]) -> Any:
-    """``torch.load(weights_only=True)`` with ``names`` mapped to fresh placeholders.
-
-    ``safe_globals`` edits a process-wide allowlist for the duration of the load; a concurrent load
-    in another thread may therefore also see these placeholders, which is harmless because they are
-    inert. ``weights_only=True`` passed explicitly is not overridable by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
-    """
-    mapping = [(_placeholder(n), n) for n in names]
-    with torch.serialization.safe_globals(mapping):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _load_weights_only(path: str) -> Any:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(_ZIP_MAGIC):
-        try:
-            names = _unsafe_globals_zip(path)
-        except (ValueError, RuntimeError, UnpicklingError, KeyError, EOFError) as e:
-            raise CheckpointError(f"{path}: zip file is not a torch.save checkpoint ({e})") from e
-        return _weights_only_load(path, sorted(names))
-    if not head.startswith(_PICKLE_PROTO):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (unrecognised header {head!r})")
-    # Legacy (pre-zip) format: torch has no static scanner for it, so discover foreign globals one
-    # at a time from the weights-only unpickler's refusal message. Nothing is executed meanwhile.
-    names: list[str] = []
-    for _ in range(_MAX_LEGACY_RETRIES):
-        try:
-            return _weights_only_load(path, names)
-        except UnpicklingError as e:
-            match = _UNSUPPORTED_GLOBAL.search(str(e))
-            if match is None:
-                raise
-            name = match.group(1)
-            if "." not in name:  # torch strips the "builtins." prefix in its message
-                name = f"builtins.{name}"
-            if name in names:
-                raise
-            names.append(name)
-    raise CheckpointError(f"{path}: more than {_MAX_LEGACY_RETRIES} foreign globals")
 
 
 @contextmanager
@@ -194,11 +85,11 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Weights of a Lightning ``.ckpt`` (its ``state_dict``) or of a bare state dict, on CPU.
 
     ``path`` is a local path or any fsspec URL (``s3://...``, ``memory://...``). Never imports or
-    calls code named in the file; see the module docstring for exactly what can be read.
+    calls code named in the file; :mod:`laion_vq.vqgan.safe_pickle` says exactly what can be read.
     """
     with _local_copy(path) as local:
         try:
-            obj = _load_weights_only(local)
+            obj = load_weights_only(local)
         except CheckpointError:
             raise
         except (UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
@@ -210,7 +101,7 @@ def has_random_weights(path: str | os.PathLike[str]) -> bool:
     """True for a checkpoint written by :func:`save_random_checkpoint` (its top-level note says so): codes
     made with it are noise, and the pages that show them must say so."""
     with _local_copy(path) as local:
-        obj = _load_weights_only(local)
+        obj = load_weights_only(local)
     return isinstance(obj, dict) and obj.get("laion_vq_note") == RANDOM_WEIGHTS_NOTE
 
 

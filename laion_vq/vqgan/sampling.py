@@ -18,17 +18,11 @@ added to, never of batch size, order, shard grouping, threads or device:
   (Devices' ``log`` may differ in the last float64 ulp: a draw could change only between two scores
   within ~1e-16 of each other. The logits themselves are bit-equal only on CPU fp32, as for ``argmax``.)
 
-Why not ``torch.Generator(device="cpu").manual_seed(seed)`` per image: equally exact, but generated on the
-CPU (its float64 uniforms alone took 0.17 s per image here, before the logs) and copied to the GPU
-(33 MB per image in float32), which would bound a GPU encoder at a few dozen images/s per core. The
-counter-based hash runs where the model runs.
+Why a counter-based hash on the model's device rather than a seeded ``torch.Generator`` per image: equally
+exact, but the generator makes its noise on the CPU (8.4M values for an f8 image, copied to the GPU), which would
+bound a GPU encoder at the CPU's pace. The noise costs the same whatever the model's size (elementwise passes
+and two float64 logs): ``benchmarks/bench_index_rules.py`` measures it against ``argmax``.
 
-Cost (``benchmarks/bench_index_rules.py``): an f8 image needs ``8192 x 32 x 32`` = 8.4M noise values, ~15
-elementwise int64/float64 passes and two float64 logs, whatever the model's size. On the shared 2-core CI
-CPU that was 0.15 s per image (1.2 s when the machine was loaded ~5x over), more than the *tiny* test
-model's whole encode there (0.10 s/image with ``argmax``, 0.32 s with ``sample``: 3.3x), a small fraction
-of the real f8 encoder's ~100x larger compute on CPU. On a GPU it is memory-bound, ~2 GB of traffic per
-image unfused (about a millisecond on an H100; not measured here: fusing it is the next step if it shows).
 Changing :data:`SAMPLE_SALT` or this construction is a new index rule (a new version of the dataset).
 """
 

@@ -1,0 +1,181 @@
+"""Recording an encoder run's shards in Dagster, in the one of two ways the run calls for.
+
+- **At the end** (a run outside a backfill, where a step downstream in the run may wait for this one): the
+  run's own shards, in order, recorded when the step ends as its output, one failure per shard.
+- **Each as published** (a backfill's encoder run, `backfill_of`): each shard's materialization and its two
+  code checks are logged the moment it is published, so a killed run's retry skips what was done and the UI
+  fills in shard by shard; fed (`laion_vq.defs.feeding`), the run then takes the backfill's other shards as
+  their tars land, one model load for the whole download phase.
+
+A shard whose tar check failed is never encoded, in either way (`refuse_failed_tars`). The encoding itself is
+`laion_vq.stages.codes.CodeRun`, free of Dagster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import dagster as dg
+
+from laion_vq import settings
+from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, failed_with_error, latest_results
+from laion_vq.defs.feeding import BackfillFeed, backfill_of
+from laion_vq.shards.numbering import parse_shard_key
+from laion_vq.shards.tar_reader import CorruptShardError
+from laion_vq.stages.codes import CodeRun, CodeShardResult
+
+__all__ = ["record_code_shards", "refuse_failed_tars"]
+
+Metadata = Callable[[CodeShardResult], dict]
+
+
+def refuse_failed_tars(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """Shards of this run whose tar check's latest, current result is an ERROR: never encoded (the check
+    is blocking within a run; this covers encoder runs launched on their own)."""
+    failed = failed_with_error(context.instance, IMAGES_CHECK, list(context.partition_keys))
+    for key, result in sorted(failed.items()):
+        context.log.error(f"shard {key}: {IMAGES_CHECK.name} failed ({result.detail}); not encoding it")
+    return {key: f"{result.reason}: {result.detail}" for key, result in failed.items()}
+
+
+def record_code_shards(
+    context: dg.AssetExecutionContext,
+    run: CodeRun,
+    metadata: Metadata,
+    *,
+    excluded: dict[str, str],
+    failed_tars: dict[str, str],
+) -> Iterator[dg.Output]:
+    """Encode this run's shards with ``run`` and record them, at the end or each as published (module doc).
+
+    ``excluded`` (key → reason) are skipped visibly, ``failed_tars`` (key → reason) fail without being encoded;
+    ``metadata`` gives a published shard's partition metadata. Yields the step's output when recording at the end.
+    """
+    backfill_id = backfill_of(context)
+    if backfill_id is None:
+        _record_at_end(context, run, metadata, excluded, failed_tars)
+        yield dg.Output(None)
+    else:
+        _record_each(context, run, metadata, excluded, failed_tars, backfill_id)
+
+
+def _refused_tar(key: str, failed_tars: dict[str, str]) -> CorruptShardError:
+    """The error a shard whose tar check failed is reported with, in either recording mode."""
+    return CorruptShardError(
+        f"{IMAGES_CHECK.name} failed on this shard ({failed_tars[key]}): fix or re-download its tar, "
+        "then re-run the check"
+    )
+
+
+def _record_at_end(
+    context: dg.AssetExecutionContext,
+    run: CodeRun,
+    metadata: Metadata,
+    excluded: dict[str, str],
+    failed_tars: dict[str, str],
+) -> None:
+    """A run's own shards, recorded when the step ends (Dagster materializes the run's partitions from its
+    output): runs outside backfills, where a step downstream in the run may wait for this one."""
+    from laion_vq.defs.assets._runs import for_each_shard  # the assets package imports this module
+
+    shards = [parse_shard_key(k) for k in context.partition_keys if k not in excluded]
+    refused = {parse_shard_key(k): _refused_tar(k, failed_tars) for k in failed_tars if k not in excluded}
+    with run.in_order(shards, refused) as result:
+        for_each_shard(context, result, metadata, excluded)
+
+
+def _record_each(
+    context: dg.AssetExecutionContext,
+    run: CodeRun,
+    metadata: Metadata,
+    excluded: dict[str, str],
+    failed_tars: dict[str, str],
+    backfill_id: str,
+) -> None:
+    """A backfill's run: each shard is recorded (materialization, then its two code checks) the moment it is
+    published, so a killed run's retry skips what was done and the UI fills in shard by shard; fed, the run
+    then takes the backfill's other shards as their tars land."""
+    from laion_vq.defs.checks import InlineCodeChecks  # the checks module imports the assets
+
+    feed = BackfillFeed(
+        context,
+        backfill_id,
+        feed=settings.ENCODE_FEED.get_int() != 0,
+        excluded=set(excluded),
+        poll_seconds=settings.ENCODE_FEED_POLL_SECONDS.get_float(),
+        idle_seconds=settings.ENCODE_FEED_IDLE_SECONDS.get_float(),
+        log=context.log.info,
+    )
+    checks = InlineCodeChecks(context.instance, run.layout, run.codes_folder, run.spec.grid, run.spec.n_embed)
+    keys = list(context.partition_keys)
+    already = [k for k in keys if feed.is_done(k)]
+    if already:
+        context.log.info(f"{len(already)} shard(s) already encoded in this backfill (a retried run): {already[:20]}")
+        # a run killed between recording a shard and checking it: check it now
+        checked = {r.shard for r in latest_results(context.instance, CODES_CHECK, already) if r.current}
+        for key in [k for k in already if k not in checked]:
+            for evaluation in checks.evaluations(key):
+                context.log_event(evaluation)
+    failures: dict[str, str] = {}
+    for key in keys:
+        if key in already:
+            continue
+        if key in excluded:
+            context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
+            context.log_event(
+                dg.AssetMaterialization(
+                    context.asset_key, partition=key, metadata={"excluded": excluded[key], "dagster/row_count": 0}
+                )
+            )
+        elif key in failed_tars:
+            error = _refused_tar(key, failed_tars)
+            failures[key] = f"{type(error).__name__}: {error}"
+    own = [k for k in keys if k not in already and k not in excluded and k not in failed_tars]
+    # Recording (the events, the two checks reading the parquet back, cancelling covered runs) happens on a
+    # thread of its own: in this thread it would hold the next batch back from the GPU.
+    recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laion-vq-record")
+    last_cancel = [time.monotonic()]
+    recorded = [0]
+
+    def record(key: str, meta: dict) -> None:
+        context.log_event(dg.AssetMaterialization(context.asset_key, partition=key, metadata=meta))
+        for evaluation in checks.evaluations(key):
+            context.log_event(evaluation)
+        recorded[0] += 1
+        where = "fed" if key in feed.fed else f"{recorded[0]}/{len(own)}"
+        context.log.info(f"shard {key} done ({where})")
+        if time.monotonic() - last_cancel[0] >= 10.0:
+            feed.cancel_covered_runs()
+            last_cancel[0] = time.monotonic()
+
+    pending: list[Future] = []
+    try:
+        for shard, outcome in run.as_published(feed.shards(own)):
+            key = f"{shard:05d}"
+            if isinstance(outcome, BaseException):
+                context.log.error(f"shard {key} failed: {type(outcome).__name__}: {outcome}")
+                failures[key] = f"{type(outcome).__name__}: {outcome}"
+                feed.failed(key)
+                continue
+            pending.append(recorder.submit(record, key, metadata(outcome)))
+            for future in [f for f in pending if f.done()]:
+                pending.remove(future)
+                future.result()  # a recording error ends the run here, not silently
+    finally:
+        recorder.shutdown(wait=True)
+    for future in pending:
+        future.result()
+    feed.cancel_covered_runs()
+    if feed.fed:
+        context.log.info(
+            f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {len(own)}; "
+            f"cancelled {len(feed.cancelled_runs)} queued duplicate run(s)"
+        )
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} shard(s) failed: "
+            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+            metadata={"failed_shards": dg.MetadataValue.json(failures)},
+        )
