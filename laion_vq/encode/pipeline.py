@@ -241,8 +241,10 @@ class EncodePipeline:
         stop = threading.Event()
         chunks: queue.Queue = queue.Queue(self.queue_depth)
         decoded: queue.Queue = queue.Queue(self.queue_depth)
+        # not `keep_samples or {}`: a mapping that decides per shard (the first shard's samples) may be empty
+        keep = keep_samples if keep_samples is not None else {}
         threads = [
-            threading.Thread(target=self._read, args=(shard_ids, keep_samples if keep_samples is not None else {}, chunks, stop), daemon=True),
+            threading.Thread(target=self._read, args=(shard_ids, keep, chunks, stop), daemon=True),
             threading.Thread(target=self._decode, args=(chunks, decoded, stop), daemon=True),
         ]
         for thread in threads:
