@@ -96,7 +96,6 @@ def run_pipeline(shards: int, dagster_home: str) -> bool:
     from pathlib import Path
 
     import dagster as dg
-    from dagster._core.events import DagsterEventType
 
     from laion_vq.shards.numbering import shard_key
     from laion_vq.testing.dagster_services import EMBEDDED_YAML, dagster_services
@@ -127,7 +126,9 @@ def run_pipeline(shards: int, dagster_home: str) -> bool:
                     m = {k: v.value for k, v in mat.metadata.items()}
                     numbers = ", ".join(f"{k.split('/')[-1]}={m[k]}" for k in SHOWN if k in m)
                     print(f"{asset:<22}{shard:<8}{numbers}\n{'':<30}{m.get('path') or m.get('tar')}")
-            for record in instance.get_records_for_run(audit, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records:
+            for record in instance.get_records_for_run(
+                audit, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            ).records:
                 ev = record.event_log_entry.dagster_event.event_specific_data
                 verdict = "PASSED" if ev.passed else f"FAILED ({ev.severity.value}): {ev.description}"
                 print(f"check {ev.check_name:<28} shard {ev.partition}: {verdict}")

@@ -228,7 +228,9 @@ def test_celery_code_location_routes_steps_by_pool(monkeypatch):
     repository = defs.get_repository_def()
     jobs = [job for job in repository.get_all_jobs() if job.name != "apply_removals"]  # an op job, in process
     assert {job.executor_def.name for job in jobs} == {"celery_pool"}, [(j.name, j.executor_def.name) for j in jobs]
-    assert {s.job.executor_def.name for s in repository.schedule_defs} == {"celery_pool"}
+    # a schedule's run is of the location's job of that name (the schedule's own target names no executor)
+    assert {repository.get_job(s.job_name).executor_def.name for s in repository.schedule_defs} == {"celery_pool"}
+    assert repository.get_job("apply_removals").executor_def.name == "in_process"  # pinned in laion_vq.defs.removals
     plan = create_execution_plan(repository.get_implicit_global_asset_job_def())
     queues = {step.key: step_queue(step, "p.") for step in plan.steps}
     assert queues["code_parquets"] == "p.gpu"

@@ -9,10 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.events import DagsterEventType
-from dagster._core.events.log import EventLogEntry
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from laion_vq.dagster_internals import AssetCheckExecutionRecordStatus, PartitionKeyFilter
 
 METADATA_CHECK = dg.AssetCheckKey(dg.AssetKey("raw_metadata_shards"), "raw_metadata_shards_valid")
 IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "image_tars_complete")
@@ -76,7 +74,7 @@ def latest_results(
 
 
 def _result(
-    check: dg.AssetCheckKey, shard: str, passed: bool, entry: EventLogEntry | None, current: bool
+    check: dg.AssetCheckKey, shard: str, passed: bool, entry: dg.EventLogEntry | None, current: bool
 ) -> ShardCheckResult:
     evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
     reason = evaluation.metadata.get("reason") if evaluation else None
@@ -96,7 +94,7 @@ def _latest_from_history(instance: dg.DagsterInstance, check: dg.AssetCheckKey, 
     """Newest finished execution per partition, paging the history newest first (one indexed query per
     page); current = it targets the partition's latest materialization (one query for all partitions)."""
     storage = instance.event_log_storage
-    latest_mat = storage.get_latest_storage_id_by_partition(check.asset_key, DagsterEventType.ASSET_MATERIALIZATION)
+    latest_mat = storage.get_latest_storage_id_by_partition(check.asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION)
     finished = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
     seen: dict[str, ShardCheckResult] = {}
     cursor = None
@@ -138,7 +136,9 @@ def latest_materializations(
     return latest
 
 
-def _latest_evaluation(instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition: str) -> EventLogEntry | None:
+def _latest_evaluation(
+    instance: dg.DagsterInstance, check: dg.AssetCheckKey, partition: str
+) -> dg.EventLogEntry | None:
     """The event of the shard's latest execution of `check` (its severity, description and metadata)."""
     history = instance.event_log_storage.get_asset_check_execution_history(
         check, limit=1, partition_filter=PartitionKeyFilter(key=partition)

@@ -17,9 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import dagster as dg
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,  # the target that makes a partition's result current
-)
 
 from laion_vq.audit import (
     MIN_SUCCESS_RATE,
@@ -30,6 +27,7 @@ from laion_vq.audit import (
     audit_metadata_shard,
 )
 from laion_vq.audit.removals import audit_removed_in_codes, audit_removed_in_images
+from laion_vq.dagster_internals import AssetCheckEvaluationTargetMaterializationData
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import (
     CODES_CHECK,

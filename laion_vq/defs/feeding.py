@@ -20,16 +20,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
-from dagster._core.execution.backfill import BulkActionStatus  # the backfill's state: no public API reads it
 
+from laion_vq.dagster_internals import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    BACKFILL_ID_TAG,
+    PARTITION_NAME_TAG,
+    BulkActionStatus,
+)
 from laion_vq.defs.check_state import IMAGES_CHECK, latest_results
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.shards.numbering import parse_shard_key
 
-BACKFILL_TAG = "dagster/backfill"
-PARTITION_TAG = "dagster/partition"
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 #: On a queued run cancelled because a fed run encoded all its shards: that run's id.
 ENCODED_BY_TAG = "laion_vq/encoded_by"
 #: On a fed run, once it goes beyond its own shards (seen in the Runs table of the backfill's page).
@@ -42,7 +44,7 @@ CODES_KEY = dg.AssetKey("code_parquets")
 def backfill_of(context: dg.AssetExecutionContext) -> str | None:
     """The backfill a run belongs to, when it runs `code_parquets` alone (nothing downstream waits for its
     output in the run): such a run records each shard as it is published, and may be fed."""
-    backfill_id = context.run.tags.get(BACKFILL_TAG)
+    backfill_id = context.run.tags.get(BACKFILL_ID_TAG)
     selection = context.run.asset_selection
     if backfill_id is None or selection is None or set(selection) != {CODES_KEY}:
         return None
@@ -97,7 +99,7 @@ class BackfillFeed:
         if unknown:
             for record in self.instance.get_run_records(filters=dg.RunsFilter(run_ids=unknown)):
                 run = record.dagster_run
-                self._runs_in_backfill[run.run_id] = run.tags.get(BACKFILL_TAG) == self.backfill_id
+                self._runs_in_backfill[run.run_id] = run.tags.get(BACKFILL_ID_TAG) == self.backfill_id
             for run_id in unknown:
                 self._runs_in_backfill.setdefault(run_id, False)
 
@@ -225,7 +227,7 @@ class BackfillFeed:
         """Cancel the backfill's queued encoder runs whose every shard this backfill has encoded."""
         self.refresh()
         queued = self.instance.get_runs(
-            filters=dg.RunsFilter(tags={BACKFILL_TAG: self.backfill_id}, statuses=[dg.DagsterRunStatus.QUEUED])
+            filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}, statuses=[dg.DagsterRunStatus.QUEUED])
         )
         cancelled = []
         for run in queued:
@@ -245,9 +247,9 @@ class BackfillFeed:
 
 def run_partition_keys(tags: dict[str, str]) -> list[str]:
     """The partitions a run targets, from its partition or partition-range tags."""
-    if PARTITION_TAG in tags:
-        return [tags[PARTITION_TAG]]
-    start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if PARTITION_NAME_TAG in tags:
+        return [tags[PARTITION_NAME_TAG]]
+    start, end = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
     if start is None or end is None:
         return []
     return list(shard_partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start, end)))

@@ -1,4 +1,7 @@
-"""Jobs: the runs operators launch (downloads, encodings, the whole chain for a shard, audits)."""
+"""Jobs: the runs operators launch (downloads, encodings, the whole chain for a shard, audits).
+
+No job names an executor: the code location chooses one for all of them (`laion_vq.definitions.build_definitions`),
+so the Celery location runs the same jobs on its workers."""
 
 import dagster as dg
 
@@ -6,11 +9,10 @@ from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_t
 from laion_vq.defs.assets.codes import GPU_TAGS
 from laion_vq.defs.checks import SHARD_CHECKS
 
-#: Download runs: metadata slice + img2dataset per shard, in process (steps are long, start-up is not).
+#: Download runs: metadata slice + img2dataset per shard.
 download_job = dg.define_asset_job(
     "download_shards",
     selection=[raw_metadata_shards, image_tars],
-    executor_def=dg.in_process_executor,
     description="Slice LAION metadata and download the shard's images with img2dataset.",
 )
 
@@ -18,7 +20,6 @@ download_job = dg.define_asset_job(
 encode_job = dg.define_asset_job(
     "encode_shards",
     selection=dg.AssetSelection.assets(code_parquets),
-    executor_def=dg.in_process_executor,
     tags={k: v for k, v in GPU_TAGS.items()},
     description="Encode downloaded shards with the VQGAN (GPU pool).",
 )
@@ -27,7 +28,6 @@ encode_job = dg.define_asset_job(
 pipeline_job = dg.define_asset_job(
     "laion_vq_pipeline",
     selection=[raw_metadata_shards, image_tars, code_parquets],
-    executor_def=dg.in_process_executor,
     description="Metadata → image tar → VQGAN codes for the selected shard(s).",
 )
 
@@ -36,7 +36,6 @@ pipeline_job = dg.define_asset_job(
 check_job = dg.define_asset_job(
     "audit_shards",
     selection=dg.AssetSelection.checks(*SHARD_CHECKS),
-    executor_def=dg.in_process_executor,
     description="Audit every metadata shard, image tar and code parquet; one result per shard and check.",
 )
 
@@ -44,6 +43,5 @@ check_job = dg.define_asset_job(
 report_job = dg.define_asset_job(
     "corrupted_shards_report_job",
     selection=[corrupted_shards_report],
-    executor_def=dg.in_process_executor,
     description="Summarise every shard's checks and counts; regenerate the dataset card.",
 )

@@ -6,17 +6,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from laion_vq import settings
+from laion_vq.dagster_internals import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+    UnresolvedAssetJobDefinition,
+)
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.shards.exclusions import read_exclusions
-
-if TYPE_CHECKING:
-    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 #: Runs that still hold their shards: queued, starting, running (a second run for them would race).
 _UNFINISHED = [
@@ -94,8 +95,8 @@ def next_missing_batches(
 def _run_shards(run: dg.DagsterRun) -> Iterator[str]:
     """The shards a run covers, from its partition or partition-range tags."""
     tags = run.tags
-    if "dagster/partition" in tags:
-        yield tags["dagster/partition"]
+    if PARTITION_NAME_TAG in tags:
+        yield tags[PARTITION_NAME_TAG]
     elif ASSET_PARTITION_RANGE_START_TAG in tags:
         yield from shard_partitions.get_partition_keys_in_range(
             dg.PartitionKeyRange(tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG])

@@ -34,19 +34,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster._core.events import DagsterEventType
-from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
-from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
-from dagster._core.storage.tags import (
+
+from laion_vq.dagster_internals import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    FINISHED_STATUSES,
     GRPC_INFO_TAG,
     PARTITION_NAME_TAG,
+    SqliteRunStorage,
 )
 
 COMMAND = "python -m laion_vq.deploy.recover_dead_runs"
 #: Run states in which a run worker should be alive.
-WORKER_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+WORKER_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 #: A live process that started this long after Dagster recorded the pid is another process (pid reused).
 PID_REUSE_SLACK_S = 2.0
 
@@ -93,7 +93,7 @@ def worker_pids(instance: dg.DagsterInstance, run_id: str) -> dict[int, float]:
     """pid → when Dagster recorded it, from the run's engine events (run worker, in-process executor,
     multiprocess step workers)."""
     pids: dict[int, float] = {}
-    for record in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         data = record.dagster_event.event_specific_data if record.dagster_event else None
         value = getattr(data, "metadata", {}).get("pid")
         text = getattr(value, "value", value)
@@ -158,7 +158,7 @@ def recover(
         if missing:
             raise SystemExit(f"no such run: {', '.join(sorted(missing))}")
     else:
-        records = list(instance.get_run_records(filters=RunsFilter(statuses=WORKER_STATUSES)))
+        records = list(instance.get_run_records(filters=dg.RunsFilter(statuses=WORKER_STATUSES)))
 
     for record in records:
         run = record.dagster_run
@@ -186,7 +186,7 @@ def recover(
 
     # slots still held by runs that finished (failed by a code server with no run monitoring to free them)
     if held:
-        finished = instance.get_run_records(filters=RunsFilter(run_ids=list(held), statuses=FINISHED_STATUSES))
+        finished = instance.get_run_records(filters=dg.RunsFilter(run_ids=list(held), statuses=FINISHED_STATUSES))
         for record in finished:
             run = record.dagster_run
             if named and run.run_id not in named:

@@ -1,10 +1,11 @@
 """The code location of a Celery deployment: `laion_vq.definitions`, every run's steps on Celery workers.
 
-The same assets, checks, schedules, sensor and resources; every job, and the asset runs that backfills,
-the automation sensor and the Materialize button create, use `celery_pool_executor` instead of the
-in-process executor, so a run's steps execute on the workers of their pool's queue (`gpu`, `download`).
-The executor's broker is `LAION_VQ_CELERY_BROKER` (the only secret: `amqp://USER:PASSWORD@HOST:5672//`),
-its results come back over the broker (`rpc://`), `LAION_VQ_CELERY_QUEUE_PREFIX` prefixes the queue names.
+The same assets, checks, jobs, schedules, sensors and resources (`build_definitions`), with
+`celery_pool_executor` instead of the in-process executor: every job, schedule target and the asset runs that
+backfills, the automation sensor and the Materialize button create run their steps on the workers of their
+pool's queue (`gpu`, `download`). The executor's broker is `LAION_VQ_CELERY_BROKER` (the only secret:
+`amqp://USER:PASSWORD@HOST:5672//`), its results come back over the broker (`rpc://`),
+`LAION_VQ_CELERY_QUEUE_PREFIX` prefixes the queue names.
 
     # deploy/celery/workspace.yaml
     load_from:
@@ -13,12 +14,8 @@ its results come back over the broker (`rpc://`), `LAION_VQ_CELERY_QUEUE_PREFIX`
 
 from __future__ import annotations
 
-import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
-from dagster._record import copy
-
-from laion_vq import definitions as single_machine
 from laion_vq import settings
+from laion_vq.definitions import build_definitions
 from laion_vq.deploy.distributed.executor import celery_pool_executor
 
 executor = celery_pool_executor.configured(
@@ -30,25 +27,8 @@ executor = celery_pool_executor.configured(
     name="celery_pool",
 )
 
-
-def on_executor(definitions: dg.Definitions, executor_def: dg.ExecutorDefinition) -> dg.Definitions:
-    """`definitions` with every job, schedule target and asset run on `executor_def`."""
-    # asset jobs are records (copied with the executor); the op job `apply_removals` (one op, no pool step to
-    # route; its sensor names it) stays in process
-    jobs = {
-        job.name: copy(job, executor_def=executor_def) if isinstance(job, UnresolvedAssetJobDefinition) else job
-        for job in definitions.jobs or []
-    }
-    schedules = [s.with_updated_job(jobs[s.job_name]) if s.job_name in jobs else s for s in definitions.schedules or []]
-    return dg.Definitions(
-        assets=definitions.assets,
-        asset_checks=definitions.asset_checks,
-        jobs=list(jobs.values()),
-        schedules=schedules,
-        sensors=definitions.sensors,
-        resources=definitions.resources,
-        executor=executor_def,
-    )
-
-
-defs = on_executor(single_machine.defs, executor)
+# Dagster gives the location's executor to every job that names none (all asset jobs, the implicit asset job
+# of backfills and the Materialize button, the schedules' targets). The op job `apply_removals` names
+# `in_process_executor` itself (`laion_vq.defs.removals`), so it stays in process here too, as before: one op
+# and no pool step to route, and its sensor launches it by name.
+defs = build_definitions(executor)

@@ -18,9 +18,10 @@ Workers must use the same broker, backend and settings (`deploy/celery/celery.ya
 from __future__ import annotations
 
 from dagster import Field, StringSource, executor, multiple_process_executor_requirements
-from dagster._core.execution.retries import RetryMode
 from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor, _submit_task
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
+
+from laion_vq.dagster_internals import RetryMode
 
 #: Celery settings the executor and every worker share (the worker reads them from celery.yaml).
 CELERY_SETTINGS = {

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import dagster as dg
 from dagster import Field, StringSource
-from dagster import _check as check
-from dagster._core.launcher.base import LaunchRunContext, ResumeRunContext
-from dagster._core.storage.dagster_run import DagsterRun
 from dagster_aws.ecs import EcsRunLauncher
 from dagster_aws.ecs.container_context import EcsContainerContext
 
+from laion_vq.dagster_internals import LaunchRunContext, ResumeRunContext
 from laion_vq.deploy.launchers.placement import placed_run, wants_gpu
 
 
@@ -46,10 +45,10 @@ class LaionEcsRunLauncher(EcsRunLauncher):
     ):
         if subnets:
             run_task_kwargs = dict(kwargs.pop("run_task_kwargs", None) or {})
-            check.invariant(
-                "networkConfiguration" not in run_task_kwargs,
-                "set either `subnets`/`security_groups` or run_task_kwargs.networkConfiguration, not both",
-            )
+            if "networkConfiguration" in run_task_kwargs:
+                raise dg.DagsterInvariantViolationError(
+                    "set either `subnets`/`security_groups` or run_task_kwargs.networkConfiguration, not both"
+                )
             run_task_kwargs["networkConfiguration"] = {
                 "awsvpcConfiguration": {
                     "subnets": _split(subnets),
@@ -64,10 +63,10 @@ class LaionEcsRunLauncher(EcsRunLauncher):
         if gpu_task_definition:
             described = self.ecs.describe_task_definition(taskDefinition=gpu_task_definition)["taskDefinition"]
             names = [c.get("name") for c in described["containerDefinitions"]]
-            check.invariant(
-                self.container_name in names,
-                f"gpu_task_definition {gpu_task_definition} has no container named {self.container_name!r}",
-            )
+            if self.container_name not in names:
+                raise dg.DagsterInvariantViolationError(
+                    f"gpu_task_definition {gpu_task_definition} has no container named {self.container_name!r}"
+                )
             self.gpu_task_definition = described["taskDefinitionArn"]
 
     @classmethod
@@ -97,7 +96,7 @@ class LaionEcsRunLauncher(EcsRunLauncher):
         super().resume_run(context._replace(dagster_run=placed_run(self._instance, context.dagster_run)))
 
     def _run_task_kwargs(
-        self, run: DagsterRun, image: str | None, container_context: EcsContainerContext
+        self, run: dg.DagsterRun, image: str | None, container_context: EcsContainerContext
     ) -> dict[str, Any]:
         gpu = wants_gpu(run.tags)
         if gpu and self.gpu_task_definition:
