@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from laion_vq.dagster_internals import AssetCheckExecutionRecordStatus, PartitionKeyFilter
+from laion_vq.defs import metadata_keys as keys
 
 METADATA_CHECK = dg.AssetCheckKey(dg.AssetKey("raw_metadata_shards"), "raw_metadata_shards_valid")
 IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "image_tars_complete")
@@ -77,7 +78,7 @@ def _result(
     check: dg.AssetCheckKey, shard: str, passed: bool, entry: dg.EventLogEntry | None, current: bool
 ) -> ShardCheckResult:
     evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
-    reason = evaluation.metadata.get("reason") if evaluation else None
+    reason = evaluation.metadata.get(keys.REASON) if evaluation else None
     return ShardCheckResult(
         shard=shard,
         check=check_label(check),

@@ -28,6 +28,7 @@ from laion_vq.audit import (
 )
 from laion_vq.audit.removals import audit_removed_in_codes, audit_removed_in_images
 from laion_vq.dagster_internals import AssetCheckEvaluationTargetMaterializationData
+from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import (
     CODES_CHECK,
@@ -88,7 +89,7 @@ def _evaluation(check: dg.AssetCheckKey, verdict: ShardVerdict, target: dg.Event
         metadata={
             "shard": verdict.shard,  # the run log's check events name no partition: this does
             **verdict.counts,
-            "reason": first.reason if first else "",
+            keys.REASON: first.reason if first else "",
             "problems": dg.MetadataValue.json([{"reason": p.reason, "detail": p.detail} for p in problems]),
             **({"what_to_do": dg.MetadataValue.md(_what_to_do(check, verdict))} if problems else {}),
         },

@@ -126,7 +126,7 @@ def _record_each(
             context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
             context.log_event(
                 dg.AssetMaterialization(
-                    context.asset_key, partition=key, metadata={"excluded": excluded[key], "dagster/row_count": 0}
+                    context.asset_key, partition=key, metadata=keys.excluded_metadata(excluded[key])
                 )
             )
         elif key in failed_tars:

@@ -36,7 +36,7 @@ def for_each_shard(
     for index, key in enumerate(keys, start=1):
         if key in excluded:
             context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
-            done[key] = {"excluded": excluded[key], "dagster/row_count": 0}
+            done[key] = keys.excluded_metadata(excluded[key])
             continue
         try:
             result = work(parse_shard_key(key))

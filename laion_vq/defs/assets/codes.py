@@ -13,6 +13,7 @@ import dagster as dg
 import numpy as np
 
 from laion_vq import settings
+from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets._runs import throttled
 from laion_vq.defs.assets.images import image_tars
 from laion_vq.defs.encoding import record_code_shards, refuse_failed_tars
@@ -40,18 +41,18 @@ GPU_TAGS = {
 def _metadata(result: CodeShardResult) -> dict:
     meta: dict = {
         "path": dg.MetadataValue.path(result.path),
-        "dagster/row_count": result.encoded,
+        keys.ROW_COUNT: result.encoded,
         "status_rows": result.status_rows,
         "downloaded": result.downloaded,
-        "encoded": result.encoded,
-        "undecodable": sum(result.undecodable.values()),
+        keys.ENCODED: result.encoded,
+        keys.UNDECODABLE: sum(result.undecodable.values()),
         "undecodable_by_reason": dg.MetadataValue.json(result.undecodable),
         "undecodable_keys": dg.MetadataValue.json(result.undecodable_keys[:50]),
         "bytes": result.bytes,
         "seconds": round(result.seconds, 2),
         "encode_seconds": round(result.encode_seconds, 2),
         "images_per_second": round(result.images_per_second, 2),
-        "distinct_codes": result.distinct_codes,
+        keys.DISTINCT_CODES: result.distinct_codes,
     }
     if result.code_usage is not None and result.code_usage.sum():
         top = np.argsort(result.code_usage)[::-1][:10]
@@ -85,7 +86,7 @@ def made_by(encoder: VQGANEncoderResource, provenance: dict) -> dict:
     meta = {
         "model": encoder.vqgan_config().name,
         "checkpoint": dg.MetadataValue.path(encoder.checkpoint or ""),
-        "checkpoint_sha256": provenance["checkpoint_sha256"],
+        keys.CHECKPOINT_SHA256: provenance["checkpoint_sha256"],
         "dtype": encoder.dtype,
         "encode_mode": encoder.mode,
         "index_rule": provenance["index_rule"],

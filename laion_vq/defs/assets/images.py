@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
 from laion_vq.defs.partitions import shard_partitions
@@ -15,17 +16,17 @@ def _metadata(result: ImageShardResult) -> dict:
     return {
         "tar": dg.MetadataValue.path(result.tar_path),
         "status_parquet": dg.MetadataValue.path(result.status_path),
-        "dagster/row_count": result.rows,
-        "successes": result.successes,
+        keys.ROW_COUNT: result.rows,
+        keys.SUCCESSES: result.successes,
         "failed_to_download": result.failed_to_download,
         "failed_to_resize": result.failed_to_resize,
         "success_rate": round(result.success_rate, 4),
-        "removed": result.removed,
+        keys.REMOVED: result.removed,
         **({"removed_by_reason": dg.MetadataValue.json(result.removed_by_reason)} if result.removed else {}),
-        **({"filtered": result.filtered} if result.filtered else {}),
+        **({keys.FILTERED: result.filtered} if result.filtered else {}),
         "failures_by_reason": dg.MetadataValue.json(dict(list(result.failures_by_reason.items())[:20])),
         "failure_examples": dg.MetadataValue.json(result.failure_examples),
-        "tar_bytes": result.bytes_tar,
+        keys.TAR_BYTES: result.bytes_tar,
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.successes / result.seconds, 2) if result.seconds else 0.0,
         **(

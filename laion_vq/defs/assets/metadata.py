@@ -3,6 +3,7 @@
 import dagster as dg
 
 from laion_vq import settings
+from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource
@@ -16,12 +17,12 @@ DOWNLOAD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(settings.DOWNLOAD_SHARDS_
 def _metadata(result: MetadataShardResult) -> dict:
     return {
         "path": dg.MetadataValue.path(result.path),
-        "dagster/row_count": result.rows,
+        keys.ROW_COUNT: result.rows,
         "source_file": dg.MetadataValue.path(result.source_file),
         "source_rows": f"[{result.source_rows[0]}, {result.source_rows[1]})",
         "bytes": result.bytes,
         "seconds": round(result.seconds, 3),
-        **({"filtered": result.filtered} if result.filtered else {}),
+        **({keys.FILTERED: result.filtered} if result.filtered else {}),
     }
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
+from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets.codes import code_parquets
 from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations, latest_results
 from laion_vq.defs.partitions import shard_partitions
@@ -51,7 +52,7 @@ def _materialized(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, f
     rows = []
     for shard, record in latest_materializations(instance, key, partitions).items():
         metadata = record.asset_materialization.metadata
-        if "excluded" not in metadata:
+        if keys.EXCLUDED not in metadata:
             rows.append((shard, record.timestamp, metadata))
     return rows
 
@@ -72,16 +73,16 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
         if r.current  # a result on an older file says nothing about the one on storage now
     ]
     metadata = [
-        {"shard": s, "rows": _value(m, "dagster/row_count", 0), "materialized_at": t}
+        {"shard": s, "rows": _value(m, keys.ROW_COUNT, 0), "materialized_at": t}
         for s, t, m in _materialized(instance, "raw_metadata_shards")
     ]
     images = [
         {
             "shard": s,
-            "rows": _value(m, "dagster/row_count", 0),
-            "successes": _value(m, "successes", 0),
-            "tar_bytes": _value(m, "tar_bytes", 0),
-            "removed": _value(m, "removed", 0),
+            "rows": _value(m, keys.ROW_COUNT, 0),
+            "successes": _value(m, keys.SUCCESSES, 0),
+            "tar_bytes": _value(m, keys.TAR_BYTES, 0),
+            "removed": _value(m, keys.REMOVED, 0),
             "materialized_at": t,
         }
         for s, t, m in _materialized(instance, "image_tars")
@@ -89,10 +90,10 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
     codes = [
         {
             "shard": s,
-            "encoded": _value(m, "encoded", 0),
-            "undecodable": _value(m, "undecodable", 0),
-            "distinct_codes": _value(m, "distinct_codes", 0),
-            "checkpoint_sha256": _value(m, "checkpoint_sha256"),
+            "encoded": _value(m, keys.ENCODED, 0),
+            "undecodable": _value(m, keys.UNDECODABLE, 0),
+            "distinct_codes": _value(m, keys.DISTINCT_CODES, 0),
+            "checkpoint_sha256": _value(m, keys.CHECKPOINT_SHA256),
             "materialized_at": t,
         }
         for s, t, m in _materialized(instance, "code_parquets")
