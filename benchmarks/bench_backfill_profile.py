@@ -99,6 +99,7 @@ def profile_iteration(args: argparse.Namespace, workdir: Path) -> None:
             else:
                 os.environ["DAGSTER_PG_URL"] = saved
         runs = count_runs(instance, backfill_id)
+    # typeshed's Stats leaves out `stats`, the dict of raw timings every Stats holds (what print_stats reads)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     print(
         f"iteration ran {wall:.1f} s under the profiler and created {runs} runs ({runs / wall:.2f} runs/s; "

@@ -135,7 +135,7 @@ def main() -> None:
             ):
                 instance.event_log_storage.set_concurrency_slots("download", 64)
                 worker_env = {**env, "DAGSTER_HOME": str(home), "DAGSTER_PG_URL": pg_url}
-                next_shard, results = 0, []
+                next_shard, results = 0, list[tuple[int, dict[str, float]]]()
                 for label, count, shards in [("warm-up", 1, 1)] + [(f"{c} worker(s)", c, args.shards) for c in counts]:
                     workers = [
                         start_worker(

@@ -33,28 +33,28 @@ os.environ["LAION_VQ_DOWNLOAD_ALLOW_NETWORKS"] = "127.0.0.0/8"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: stay offline
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-from multiprocessing.connection import Connection  # noqa: E402
+import argparse
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 
-import img2dataset.downloader as i2d_downloader  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
-from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
-from PIL import Image  # noqa: E402
+import img2dataset.downloader as i2d_downloader
+import numpy as np
+import pyarrow as pa
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
+from PIL import Image
 
 #: img2dataset's fetch functions as shipped, captured before laion_vq can replace them.
 PRISTINE = {name: getattr(i2d_downloader, name) for name in ("download_image", "download_image_with_retry")}
@@ -116,10 +116,10 @@ def _serve(conn: Connection, latency_s: float) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             """Quiet: thousands of requests."""
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        def do_GET(self) -> None:
             try:
                 index = int(self.path.rsplit("/", 1)[-1].split(".", 1)[0])
             except ValueError:

@@ -58,8 +58,8 @@ def _child(conn: Connection, urls: list[str], options_kw: dict[str, Any]) -> Non
     """One shard in this fresh process: imports first, then baseline RSS, download, peak RSS."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    import img2dataset.downloader  # noqa: F401 - torch, cv2 etc.: imports belong to the baseline
-    import img2dataset.resizer  # noqa: F401
+    import img2dataset.downloader  # torch, cv2 etc.: imports belong to the baseline
+    import img2dataset.resizer
     import img2dataset.writer  # noqa: F401
     import pyarrow as pa
 

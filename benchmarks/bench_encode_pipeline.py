@@ -148,7 +148,7 @@ def spine_stage() -> types.ModuleType:
     source = source.replace("from laion_vq.stages.upstream import", "from laion_vq.shards.storage import")
     module = types.ModuleType("spine_codes_stage")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{SPINE_COMMIT}:laion_vq/stages/codes.py", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, f"{SPINE_COMMIT}:laion_vq/stages/codes.py", "exec"), module.__dict__)
     return module
 
 
@@ -321,12 +321,13 @@ def main() -> None:
         f"torch={torch.__version__} shards={args.shards} images/shard={args.images} threads={torch.get_num_threads()}"
     )
     print(f"{'path':58s} {'end-to-end img/s':>16s} {'ratio to (a)':>12s} {'model-only img/s':>16s} {'MiB/img':>8s}")
-    for name, ips, model_ips, mib in rows:
-        m = f"{model_ips:16.2f}" if model_ips else f"{'':16s}"
-        print(f"{name:58s} {ips:16.2f} {ips / a_ips:12.2f} {m} {'' if mib is None else f'{mib:8.0f}'}")
+    for name, ips, row_model_ips, row_mib in rows:
+        m = f"{row_model_ips:16.2f}" if row_model_ips else f"{'':16s}"
+        print(f"{name:58s} {ips:16.2f} {ips / a_ips:12.2f} {m} {'' if row_mib is None else f'{row_mib:8.0f}'}")
     if a_model:
-        for name, _ips, model_ips, _mib in rows[2:]:
-            print(f"model-only ratio {name} / (a): {model_ips / a_model:.2f}")
+        for name, _ips, row_model_ips, _mib in rows[2:]:
+            assert row_model_ips is not None  # the (c) rows all time the model alone
+            print(f"model-only ratio {name} / (a): {row_model_ips / a_model:.2f}")
     keys = sorted(outputs["b"])
     exact = outputs.get("exact")
     if exact is not None:

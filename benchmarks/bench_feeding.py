@@ -110,7 +110,7 @@ def run_variant(name: str, args, server: ImageServer, checkpoint: str, workdir: 
         return _measure(name, instance, backfill_id, created, status, args.scale)
 
 
-def _measure(name: str, instance, backfill_id: str, created: float, status: str, scale: float) -> dict:
+def _measure(name: str, instance, backfill_id: str, created: float, status: str | None, scale: float) -> dict:
     runs = list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
     encoders = [r for r in runs if set(r.dagster_run.asset_selection or []) == {CODES}]
     downloads = [r for r in runs if r not in encoders]

@@ -18,7 +18,7 @@ from laion_vq.vqgan import MODELS, VQGANEncoder, get_model_config
 from laion_vq.vqgan.sampling import gumbel_noise, key_seed
 
 
-def _timed(fn, repeats: int) -> float:  # noqa: ANN001
+def _timed(fn, repeats: int) -> float:
     fn()  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()

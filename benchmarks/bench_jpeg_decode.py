@@ -184,11 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ratio nvJPEG (ImageDecoder) / PIL threads: {t_thr / timed[list(fns)[-1]]:.2f}x")
 
     # ---- pixels: each decoder vs PIL
-    pil = np.stack([img for _, img, _, _ in (safe_decode(item, s) for item in items)])
+    pil_images = [img for _, img, _, _ in (safe_decode(item, s) for item in items) if img is not None]
+    assert len(pil_images) == len(items), "PIL could not decode every benchmark image"
+    pil = np.stack(pil_images)
     decodes = {"torchvision CPU (libjpeg-turbo)": np.stack([t.permute(1, 2, 0).numpy() for t in tv_cpu(tensors)])}
     if cuda:
         out = [t.permute(1, 2, 0).cpu().numpy() for c in _chunks(tensors, args.batch_size) for t in nvjpeg(c)]
         decodes["nvJPEG (cuda)"] = np.stack(out)
+        assert gpu is not None  # made above when cuda
         via = [gpu.decode(c) for c in chunks]
         decodes["ImageDecoder(cuda)"] = np.concatenate([b.images.cpu().numpy() for b in via])
         fallbacks = sum((sum(b.cpu_fallbacks.values()) for b in via), 0)

@@ -17,6 +17,8 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,8 @@ import pyarrow.parquet as pq
 
 from laion_vq.shards.metadata import LaionMetadata
 from laion_vq.shards.schema import LAION_SCHEMA
+
+T = TypeVar("T")
 
 
 def make_part(path: str, rows: int, row_group: int) -> None:
@@ -49,7 +53,7 @@ def make_part(path: str, rows: int, row_group: int) -> None:
             writer.write_table(table)
 
 
-def read_bytes_of(fn) -> tuple[float, int, object]:
+def read_bytes_of(fn: Callable[[], T]) -> tuple[float, int, T]:
     """Wall time and bytes read from disk (Linux /proc/self/io `rchar`) of one call."""
 
     def rchar() -> int:

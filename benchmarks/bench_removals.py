@@ -92,8 +92,8 @@ def shard_frame(tmpl: pl.DataFrame, shard: int) -> pl.DataFrame:
     ok = pl.col("u") < 0.7
     rare = pl.col("i") % RARE_EVERY == 17
     host = pl.when(rare).then(pl.lit(f"h{shard % 5000}.rare-host.net")).otherwise(pl.col("host"))
-    status = pl.when(ok).then(pl.lit("success"))
-    status = status.when(pl.col("u") < 0.95).then(pl.lit("failed_to_download")).otherwise(pl.lit("failed_to_resize"))
+    success = pl.when(ok).then(pl.lit("success"))
+    status = success.when(pl.col("u") < 0.95).then(pl.lit("failed_to_download")).otherwise(pl.lit("failed_to_resize"))
     suffix = pl.lit(f"{shard:05x}")  # at the end: a shard prefix would let min/max statistics skip files
     return tmpl.select(
         SAMPLE_ID=(pl.col("i") + shard * tmpl.height).cast(pl.Int64),
@@ -235,7 +235,13 @@ def make_big_shard(layout: StorageLayout, rows: int) -> int:
         codes = rng.integers(0, 8192, (rows, 32, 32), dtype=np.int16)
         table = build_codes_table(keys, codes, meta, frame.get_column("jpg_sha256").to_list())
         usage = pack_code_usage(np.bincount(codes.ravel().astype(np.int64), minlength=8192))
-        file_meta = {"model": model, "grid": 32, "n_embed": 8192, "code_usage": usage, "undecodable_keys": []}
+        file_meta: dict[str, object] = {
+            "model": model,
+            "grid": 32,
+            "n_embed": 8192,
+            "code_usage": usage,
+            "undecodable_keys": [],
+        }
         write_codes_parquet(table, layout.code_shard(model, 0), file_meta)
     return os.path.getsize(layout.image_tar(0))
 

@@ -25,22 +25,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dagster as dg  # noqa: E402
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # noqa: E402
+import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
-from dagster._core.event_api import PartitionKeyFilter  # noqa: E402
-from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData  # noqa: E402
-from dagster._core.events.log import EventLogEntry  # noqa: E402
-from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID  # noqa: E402
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+from dagster._core.events.log import EventLogEntry
+from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
-from laion_vq.defs.assets.report import _frames  # noqa: E402
-from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations  # noqa: E402
-from laion_vq.report.shards import build_report, write_report  # noqa: E402
-from laion_vq.report.usage import pack_code_usage  # noqa: E402
-from laion_vq.shards.codes import write_codes_parquet  # noqa: E402
-from laion_vq.shards.storage import StorageLayout  # noqa: E402
-from laion_vq.testing.dagster_services import postgres_database  # noqa: E402
+from laion_vq.defs.assets.report import _frames
+from laion_vq.defs.check_state import SHARD_CHECK_KEYS, latest_materializations
+from laion_vq.report.shards import build_report, write_report
+from laion_vq.report.usage import pack_code_usage
+from laion_vq.shards.codes import write_codes_parquet
+from laion_vq.shards.storage import StorageLayout
+from laion_vq.testing.dagster_services import postgres_database
 
 ASSETS = ("raw_metadata_shards", "image_tars", "code_parquets")
 

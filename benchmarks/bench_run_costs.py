@@ -29,6 +29,7 @@ share F / (F + N·T) ≤ s ⇔ N ≥ F·(1 − s) / (s·T) = 49·F/T at s = 2 %.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -40,6 +41,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # at run time imported where used: the probes time what importing costs
+    import dagster as dg
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"PYTHONWARNINGS": "ignore", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
@@ -85,13 +92,19 @@ def run_probe(mode: str, checkpoint: str, cold: bool) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = 600) -> object:
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 600) -> T:
+    """The first truthy value `check` returns (polled every 0.2 s)."""
     deadline = time.monotonic() + timeout
     while not (value := check()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
     return value
+
+
+def _finished_run(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    run = instance.get_run_by_id(run_id)
+    return run if run is not None and run.is_finished else None
 
 
 def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, float]]:
@@ -127,9 +140,7 @@ def measure_runs(runs: int, warmup: int, show_events: bool) -> list[dict[str, fl
                 time.sleep(rng.uniform(0, 5))
                 launched_at = time.time()
                 run_id = services.launch_run("download_shards", {"dagster/partition": f"{i:05d}"})
-                run = wait_for(
-                    "the run to finish", lambda rid=run_id: (r := instance.get_run_by_id(rid)).is_finished and r
-                )
+                run = wait_for("the run to finish", functools.partial(_finished_run, instance, run_id))
                 if run.status != DagsterRunStatus.SUCCESS:
                     raise RuntimeError(f"run {run_id} ended {run.status}:\n{services.log('daemon')[-3000:]}")
                 events = [
@@ -242,15 +253,15 @@ def main() -> None:
         f"{med['download']['imports_s']:.2f} s, encoder {e['imports_s']:.2f} s; model load {e['load_s']:.2f} s, "
         f"decoder {e['decoder_s']:.2f} s (medians of {args.loads}, first load cold)"
     )
-    rows = []
+    recommended: list[tuple[str, int]] = []
     for name, fixed, shard_s, setting in (
         ("encoder", f_enc, t_enc, settings.ENCODE_SHARDS_PER_RUN),
         ("download", f_dl, t_dl, settings.DOWNLOAD_SHARDS_PER_RUN),
     ):
-        current = int(setting.default)  # type: ignore[arg-type]
+        current = int(setting.default)
         n_min = needed(fixed, shard_s, s)
         rec = 2 ** math.ceil(math.log2(max(1.0, n_min))) if name == "encoder" else max(1, math.ceil(n_min))
-        rows.append((setting.env, rec))
+        recommended.append((setting.env, rec))
         print(
             f"  {name:8s} F {fixed:6.2f} s  T {shard_s:7.2f} s/shard  N ≥ {n_min:7.1f}  recommended {rec}"
             f" ({rec * shard_s / 60:.1f} min of work a run)"
@@ -265,7 +276,7 @@ def main() -> None:
             print(f"    N = {rec:4d} with a cold compile ({cold:.1f} s): {fixed_share(cold, shard_s, rec):6.2%}")
     print(
         "recommended: "
-        + ", ".join(f"{env}={r}" for env, r in rows)
+        + ", ".join(f"{env}={r}" for env, r in recommended)
         + f"  (load average {os.getloadavg()[0]:.1f} at the end: other work on this machine inflates F)"
     )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 from laion_vq.shards.numbering import DEFAULT_NUM_SHARDS, DEFAULT_SAMPLES_PER_SHARD
 from laion_vq.shards.sources import DEFAULT_PRESET, INPUT_FORMATS, PRESETS
@@ -30,7 +30,10 @@ IndexRule = Literal["argmax", "sample"]
 DecodeDevice = Literal["auto", "cpu"]
 ResizeMode = Literal["border", "center_crop", "keep_ratio", "keep_ratio_largest", "no"]
 #: The presets of `laion_vq/shards/sources.py`, whatever it holds (built at run time: it is their one home).
-MetadataFormat = Literal[tuple(PRESETS)]
+if TYPE_CHECKING:
+    MetadataFormat = str  # a type checker cannot read a Literal built at run time
+else:
+    MetadataFormat = Literal[tuple(PRESETS)]
 
 _TRUE = ("true", "yes", "on")
 _FALSE = ("false", "no", "off")

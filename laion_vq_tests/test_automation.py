@@ -19,7 +19,7 @@ def _land(instance: dg.DagsterInstance, asset: str, shards: list[str]) -> None:
         instance.report_runless_asset_event(dg.AssetMaterialization(dg.AssetKey(asset), partition=shard))
 
 
-def _evaluate(instance: dg.DagsterInstance, cursor=None):  # noqa: ANN001, ANN202 - Dagster's own types
+def _evaluate(instance: dg.DagsterInstance, cursor=None):
     started = time.perf_counter()
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
     return result, time.perf_counter() - started

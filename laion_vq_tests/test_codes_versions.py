@@ -17,7 +17,7 @@ from .conftest import TINY_MODEL, _jpeg, _write_shard
 V1 = {"checkpoint": "/models/a.ckpt", "checkpoint_sha256": "a" * 64, "dtype": "fp32", "index_rule": "argmax"}
 
 
-def _encode(layout: StorageLayout, tiny_encoder, provenance: dict, **kwargs) -> str:  # noqa: ANN001
+def _encode(layout: StorageLayout, tiny_encoder, provenance: dict, **kwargs) -> str:
     config, model = tiny_encoder
     return encode_code_shard(
         layout, 5, model_name=TINY_MODEL, encode=lambda b, _keys: model.encode_uint8(b, batch_size=4), grid=32,
@@ -29,7 +29,7 @@ CHANGES = [{"checkpoint_sha256": "b" * 64}, {"dtype": "bf16"}, {"index_rule": "s
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda c: next(iter(c)))
-def test_another_version_goes_side_by_side_never_over(tmp_path: Path, tiny_encoder, change: dict) -> None:  # noqa: ANN001
+def test_another_version_goes_side_by_side_never_over(tmp_path: Path, tiny_encoder, change: dict) -> None:
     layout = StorageLayout(str(tmp_path))
     _write_shard(layout, 5, {f"00005{i:04d}": _jpeg(i) for i in range(3)}, failed=["000050003"])
     first = _encode(layout, tiny_encoder, V1)

@@ -105,7 +105,7 @@ def test_stop_is_prompt_with_a_sleeping_handler() -> None:
     def client() -> None:
         try:
             get(url, timeout=30)
-        except BaseException as err:  # noqa: BLE001 - the dropped connection is the point
+        except BaseException as err:  # the dropped connection is the point
             errors.append(err)
 
     t = threading.Thread(target=client, daemon=True)

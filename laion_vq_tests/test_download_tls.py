@@ -59,7 +59,7 @@ class TLSHostileServer(HostileServer):
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
 
-    def _make_server(self):  # noqa: ANN202 - the base class's server type
+    def _make_server(self):
         server = super()._make_server()
         server.socket = self.context.wrap_socket(server.socket, server_side=True)
         return server

@@ -158,7 +158,7 @@ def test_partial_shard_is_never_reported_as_done(tmp_path: Path) -> None:
     assert result.successes == 3
     ok = tmp_path / "ok"
     hashed = set(pq.read_table(ok / "00002.parquet").column("key").to_pylist())
-    KEYS = {expected_key(2, i, 4) for i in range(3)}  # noqa: N806 - a constant of this test
+    KEYS = {expected_key(2, i, 4) for i in range(3)}
     outputs = [str(ok / "00002.tar"), str(ok / "00002.parquet"), str(ok / "00002_stats.json")]
     verify_shard_files(*outputs, 2, KEYS, "jpg", hashed)
     with pytest.raises(RuntimeError, match="the writer stored 2"):  # an image the writer never hashed

@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from laion_vq.encode.engine import CPU_BATCH_SIZE, CallableEngine, ModelEngine, batch_size_for
+from laion_vq.vqgan.model import VQGANEncoder
 from laion_vq.vqgan.reference import sample_photos
+
+from .conftest import TINY_VQ
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +141,16 @@ def test_fast_mode_without_compile_agrees_mostly_and_keeps_the_head_fp32(tiny_en
     assert next(engine._body.parameters()).dtype == torch.bfloat16
     assert model.quant_conv.weight.dtype == torch.float32  # the shared model is untouched
     assert next(model.encoder.parameters()).dtype == torch.float32
+
+
+def test_fast_mode_runs_a_nearest_codebook_head(photos):
+    """fast mode calls the quantizer itself; a VQ head has `indices` but no `sample` (Gumbel only)."""
+    torch.manual_seed(0)
+    model = VQGANEncoder(TINY_VQ).eval()
+    exact = ModelEngine(model, mode="exact", batch_size=4).encode(photos)
+    fast = ModelEngine(model, mode="fast", batch_size=4, compile=False).encode(photos)
+    assert fast.dtype == np.int16 and fast.shape == exact.shape == (7, 32, 32)
+    assert fast.min() >= 0 and fast.max() < TINY_VQ.n_embed
 
 
 def test_bad_inputs_are_refused(tiny_encoder):

@@ -27,7 +27,7 @@ def _rows(path: str) -> dict[str, dict]:
     return {row["key"]: row for row in pq.read_table(path).to_pylist()}
 
 
-def test_codes_carry_the_hash_of_their_image_bytes(tmp_path, image_server, tiny_encoder) -> None:  # noqa: ANN001
+def test_codes_carry_the_hash_of_their_image_bytes(tmp_path, image_server, tiny_encoder) -> None:
     layout = StorageLayout(str(tmp_path))
     buf = io.BytesIO()
     pq.write_table(laion_table([image_server.url(p) for p in image_server.photo_paths()[:3]]), buf)

@@ -130,7 +130,7 @@ def test_sample_is_refused_on_a_vq_head_and_needs_keys(small_model: VQGANEncoder
         resource.checked_index_rule()
 
 
-def test_sample_through_the_stage_records_the_rule(tmp_path, tiny_encoder, tiny_checkpoint) -> None:  # noqa: ANN001
+def test_sample_through_the_stage_records_the_rule(tmp_path, tiny_encoder, tiny_checkpoint) -> None:
     """The real tiny encoder (8192 codes) through encode_code_shard: same codes at batch sizes 1 and 2, and the
     resource's provenance (the parquet's `laion_vq` metadata) names the rule."""
     config, model = tiny_encoder

@@ -29,7 +29,7 @@ from .conftest import TINY_MODEL
 SHARDS, SAMPLES = 4, 6
 
 
-def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:  # noqa: ANN001
+def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:
     urls = shard_urls(image_server, SHARDS, SAMPLES)
     write_parts(str(tmp_path / "meta"), [sum(urls, [])])
     return dg.Definitions(
@@ -70,7 +70,7 @@ def _meta(instance: dg.DagsterInstance, asset: str, shard: str) -> dict:
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
-def test_lists_are_applied_through_dagster(tmp_path, image_server, tiny_checkpoint):  # noqa: ANN001
+def test_lists_are_applied_through_dagster(tmp_path, image_server, tiny_checkpoint):
     defs = _defs(tmp_path, image_server, tiny_checkpoint)
     layout = StorageLayout(str(tmp_path / "data"))
     (tmp_path / "home").mkdir()

@@ -42,7 +42,7 @@ SHARDS = 12
 INTACT, ZERO_SUCCESS, EXCLUDED = "00000", "00010", "00011"
 
 
-def _urls(server) -> list[str]:  # noqa: ANN001 - ImageServer
+def _urls(server) -> list[str]:  # ImageServer
     """Shard by shard: 8 photos each, except shard 10 whose 8 URLs are all 404 (a 0 % download)."""
     photos = server.photo_paths()
     urls = []
@@ -53,7 +53,7 @@ def _urls(server) -> list[str]:  # noqa: ANN001 - ImageServer
     return urls
 
 
-def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:  # noqa: ANN001
+def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:
     write_parts(str(tmp_path / "meta"), [_urls(image_server)], row_group_size=16)
     return dg.Definitions(
         assets=[raw_metadata_shards, image_tars, code_parquets, corrupted_shards_report],
@@ -73,7 +73,7 @@ def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:  # n
     )
 
 
-def _rewrite_codes(layout: StorageLayout, shard: int, change) -> None:  # noqa: ANN001 - table → table
+def _rewrite_codes(layout: StorageLayout, shard: int, change) -> None:  # table → table
     """Apply `change` to a code parquet, keeping its key-value metadata (provenance)."""
     path = layout.code_shard(TINY_MODEL, shard)
     table = pq.read_table(path)
@@ -170,7 +170,7 @@ def _instance(kind: str, home: Path) -> Iterator[dg.DagsterInstance]:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def audited(request, tmp_path_factory, image_server, tiny_checkpoint):  # noqa: ANN001, ANN201
+def audited(request, tmp_path_factory, image_server, tiny_checkpoint):
     """The pipeline over 12 shards (shard 11 excluded), the defects fabricated, the audit job run. Shared by
     the tests below, in file order (the last one re-encodes a shard)."""
     tmp_path = tmp_path_factory.mktemp(f"checks-{request.param}")
@@ -178,7 +178,7 @@ def audited(request, tmp_path_factory, image_server, tiny_checkpoint):  # noqa: 
         yield from _audited(instance, tmp_path, image_server, tiny_checkpoint)
 
 
-def _audited(instance: dg.DagsterInstance, tmp_path: Path, image_server, tiny_checkpoint: str):  # noqa: ANN001, ANN202
+def _audited(instance: dg.DagsterInstance, tmp_path: Path, image_server, tiny_checkpoint: str):
     defs = _defs(tmp_path, image_server, tiny_checkpoint)
     layout = StorageLayout(str(tmp_path / "data"))
     write_exclusions(layout, {EXCLUDED: "fabricated: the source part is known bad"})
@@ -192,7 +192,7 @@ def _audited(instance: dg.DagsterInstance, tmp_path: Path, image_server, tiny_ch
     yield defs, instance, layout, expected, audit
 
 
-def test_each_defect_is_caught_by_its_check_on_its_shard(audited) -> None:  # noqa: ANN001
+def test_each_defect_is_caught_by_its_check_on_its_shard(audited) -> None:
     defs, instance, layout, expected, audit = audited
     evaluations = {(e.check_name, e.partition): e for e in audit.get_asset_check_evaluations()}
     # every shard but the excluded one, under each check; one result each, none unpartitioned
@@ -229,7 +229,7 @@ def test_each_defect_is_caught_by_its_check_on_its_shard(audited) -> None:  # no
         assert set(failed) == {s for (c, s) in [*expected, (IMAGES_CHECK.name, ZERO_SUCCESS)] if c == key.name}
 
 
-def test_the_report_lists_exactly_the_corrupted_shards(audited) -> None:  # noqa: ANN001
+def test_the_report_lists_exactly_the_corrupted_shards(audited) -> None:
     defs, instance, layout, expected, _ = audited
     result = defs.resolve_job_def("report").execute_in_process(instance=instance)
     materialization = result.asset_materializations_for_node("corrupted_shards_report")[0]
@@ -262,7 +262,7 @@ def test_the_report_lists_exactly_the_corrupted_shards(audited) -> None:  # noqa
     assert again.select("shard", "corrupted_since").equals(corrupted.select("shard", "corrupted_since"))
 
 
-def test_the_excluded_shard_is_skipped_with_its_record(audited) -> None:  # noqa: ANN001
+def test_the_excluded_shard_is_skipped_with_its_record(audited) -> None:
     _, instance, layout, _, _ = audited
     for asset in ("raw_metadata_shards", "image_tars", "code_parquets"):
         record = instance.fetch_materializations(
@@ -272,7 +272,7 @@ def test_the_excluded_shard_is_skipped_with_its_record(audited) -> None:  # noqa
     assert not Path(layout.metadata_shard(11)).exists() and not Path(layout.image_tar(11)).exists()
 
 
-def test_the_encoder_refuses_a_shard_whose_tar_check_failed(audited) -> None:  # noqa: ANN001
+def test_the_encoder_refuses_a_shard_whose_tar_check_failed(audited) -> None:
     defs, instance, layout, _, _ = audited
     before = Path(layout.code_shard(TINY_MODEL, 1)).read_bytes()
     result = dg.materialize(

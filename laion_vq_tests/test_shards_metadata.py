@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-from img2dataset.reader import Reader  # noqa: E402  (the oracle for shard numbering)
+from img2dataset.reader import Reader  # the oracle for shard numbering
 
-from laion_vq.shards.metadata import LaionMetadata, ShardOutOfRange  # noqa: E402
-from laion_vq.shards.schema import LAION_SCHEMA, SchemaError  # noqa: E402
-from laion_vq.testing.synthetic_metadata import laion_table, write_parts  # noqa: E402
+from laion_vq.shards.metadata import LaionMetadata, ShardOutOfRange
+from laion_vq.shards.schema import LAION_SCHEMA, SchemaError
+from laion_vq.testing.synthetic_metadata import laion_table, write_parts
 
 PART_SIZES = (23, 8, 17)  # partial last shards in parts 0 and 2, an exact fit in part 1
 SAMPLES = 8

@@ -18,12 +18,12 @@ import pyarrow.json as pajson
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-from img2dataset.reader import Reader  # noqa: E402  (the oracle for shard numbering)
+from img2dataset.reader import Reader  # the oracle for shard numbering
 
-import laion_vq.shards.text_index as text_index  # noqa: E402
-from laion_vq.shards.metadata import ShardOutOfRange  # noqa: E402
-from laion_vq.shards.schema import SchemaError  # noqa: E402
-from laion_vq.shards.text_index import (  # noqa: E402
+import laion_vq.shards.text_index as text_index
+from laion_vq.shards.metadata import ShardOutOfRange
+from laion_vq.shards.schema import SchemaError
+from laion_vq.shards.text_index import (
     StaleIndexError,
     TextFormatError,
     TextPartIndex,

@@ -215,7 +215,7 @@ def test_foreign_globals_load_without_running_code(tmp_path: Path, tiny_ckpt: st
         with pytest.raises(Exception, match="pytorch_lightning"):
             torch.load(path, weights_only=True)
 
-    PLACED = {  # noqa: N806
+    PLACED = {
         "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
         "laion_vq_fake_payload.make_marker",
         "omegaconf.dictconfig.DictConfig",

@@ -31,7 +31,7 @@ DOWNLOAD_S = float(os.environ.get("SIM_DOWNLOAD_S", "100"))
 _real_download = image_assets.download_image_shard
 
 
-def _download_priced_like_the_web(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the stage function's signature
+def _download_priced_like_the_web(*args, **kwargs):  # the stage function's signature
     started = time.monotonic()
     result = _real_download(*args, **kwargs)
     time.sleep(max(0.0, DOWNLOAD_S / SCALE - (time.monotonic() - started)))
@@ -45,7 +45,7 @@ class SimulatedEncoderResource(VQGANEncoderResource):
     """The encoder resource with a stand-in engine: starts in ENGINE_START_S, encodes a shard in
     SHARD_IMAGES × PER_IMAGE_S (both / SCALE)."""
 
-    def engine(self, log=None):  # noqa: ANN001, ANN201 - the base class's signature
+    def engine(self, log=None):  # the base class's signature
         if self._engine is None:
             time.sleep(ENGINE_START_S / SCALE)
             config = self.vqgan_config()

@@ -25,13 +25,13 @@ def audit_code_shard(layout: StorageLayout, model: str, key: str, grid: int, n_e
         return verdict
     try:
         table = pq.read_table(io.BytesIO(read_bytes(url)))
-    except Exception as err:  # noqa: BLE001 - an unreadable file is a corrupted shard
+    except Exception as err:  # an unreadable file is a corrupted shard
         verdict.error("unreadable parquet", f"unreadable parquet: {type(err).__name__}: {err}")
         return verdict
     status_url = layout.image_status(shard)
     try:
         status_file = pq.ParquetFile(io.BytesIO(read_bytes(status_url))) if exists(status_url) else None
-    except Exception as err:  # noqa: BLE001 - the tar check reports the status parquet itself
+    except Exception as err:  # the tar check reports the status parquet itself
         verdict.error("unreadable status parquet", f"unreadable status parquet: {type(err).__name__}: {err}")
         return verdict
     required = None if status_file is None else codes_schema(status_file.schema_arrow).names

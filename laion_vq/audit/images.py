@@ -81,7 +81,7 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
         return verdict
     try:
         status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(shard))))
-    except Exception as err:  # noqa: BLE001 - unreadable means corrupted
+    except Exception as err:  # unreadable means corrupted
         verdict.error("unreadable status parquet", f"unreadable status parquet: {type(err).__name__}: {err}")
         return verdict
     rows = status.num_rows

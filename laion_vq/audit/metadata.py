@@ -28,7 +28,7 @@ def audit_metadata_shard(
         return verdict
     try:
         table = pq.read_table(io.BytesIO(read_bytes(url)))
-    except Exception as err:  # noqa: BLE001 - unreadable is corruption
+    except Exception as err:  # unreadable is corruption
         verdict.error("unreadable parquet", f"{url}: {type(err).__name__}: {err}")
         return verdict
     verdict.counts["rows"] = table.num_rows

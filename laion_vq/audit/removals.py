@@ -63,7 +63,7 @@ def audit_removed_in_codes(layout: StorageLayout, folder: str, shard: str, liste
     if exists(url):
         try:
             keys = set(pq.read_table(io.BytesIO(read_bytes(url)), columns=["key"]).column("key").to_pylist())
-        except Exception:  # noqa: BLE001 - an unreadable file is `code_parquets_contract`'s finding, not this one's
+        except Exception:  # an unreadable file is `code_parquets_contract`'s finding, not this one's
             keys = set()
         held = keys & gone
         if held:

@@ -34,7 +34,8 @@ class ShardVerdict:
 
     @property
     def first(self) -> Problem | None:
-        return (self.errors or self.warnings or [None])[0]
+        problems = self.errors or self.warnings
+        return problems[0] if problems else None
 
     def error(self, reason: str, detail: str) -> None:
         self.errors.append(Problem(reason, detail))
@@ -49,12 +50,12 @@ def first_keys(label: str, keys: Sequence[str], reason: str) -> Problem:
     return Problem(reason, f"{len(ordered)} {label}, first {ordered[0]}")
 
 
-def audit_each(keys: Iterable[str], audit_one) -> Iterator[ShardVerdict]:  # noqa: ANN001 - a callable key → verdict
+def audit_each(keys: Iterable[str], audit_one) -> Iterator[ShardVerdict]:  # a callable key → verdict
     """Audit shards one by one; an unexpected exception is that shard's ERROR, never the end of the audit."""
     for key in keys:
         try:
             yield audit_one(key)
-        except Exception as err:  # noqa: BLE001 - one unreadable shard must not hide the others
+        except Exception as err:  # one unreadable shard must not hide the others
             verdict = ShardVerdict(key)
             verdict.error("audit crashed", f"{type(err).__name__}: {err}")
             yield verdict

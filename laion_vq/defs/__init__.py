@@ -30,6 +30,6 @@ if threading.current_thread() is threading.main_thread() and signal.getsignal(si
 #   check result in the UI (`laion_vq.defs.checks` says how we use them, and the tests pin it).
 warnings.filterwarnings(
     "ignore", message=r"Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning
-)  # noqa: E501
+)
 warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of function `asset`", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", message=r"Asset job laion_vq_pipeline materializes assets with varying")

@@ -56,16 +56,18 @@ def latest_results(
         AssetCheckExecutionRecordStatus.SUCCEEDED,
         AssetCheckExecutionRecordStatus.FAILED,
     }
-    infos = [i for i in infos if i.partition_key is not None and i.latest_execution_status in done]
-    failed = [i.partition_key for i in infos if i.latest_execution_status == AssetCheckExecutionRecordStatus.FAILED]
+    finished = [
+        (i.partition_key, i) for i in infos if i.partition_key is not None and i.latest_execution_status in done
+    ]
+    failed = [key for key, i in finished if i.latest_execution_status == AssetCheckExecutionRecordStatus.FAILED]
     evaluations = {key: _latest_evaluation(instance, check, key) for key in failed}
     results = []
-    for info in infos:
-        entry = evaluations.get(info.partition_key)
+    for key, info in finished:
+        entry = evaluations.get(key)
         results.append(
             _result(
                 check,
-                info.partition_key,
+                key,
                 info.latest_execution_status == AssetCheckExecutionRecordStatus.SUCCEEDED,
                 entry,
                 info.is_current,
@@ -74,10 +76,16 @@ def latest_results(
     return results
 
 
+def _evaluation(entry: dg.EventLogEntry | None) -> dg.AssetCheckEvaluation | None:
+    """The check evaluation an execution's event carries (None without an event)."""
+    data = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+    return data if isinstance(data, dg.AssetCheckEvaluation) else None
+
+
 def _result(
     check: dg.AssetCheckKey, shard: str, passed: bool, entry: dg.EventLogEntry | None, current: bool
 ) -> ShardCheckResult:
-    evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+    evaluation = _evaluation(entry)
     reason = evaluation.metadata.get(keys.REASON) if evaluation else None
     return ShardCheckResult(
         shard=shard,
@@ -104,8 +112,8 @@ def _latest_from_history(instance: dg.DagsterInstance, check: dg.AssetCheckKey, 
         for record in records:
             if record.partition is None or record.partition in seen:
                 continue
-            evaluation = record.event.dagster_event.event_specific_data if record.event else None
-            target = getattr(evaluation, "target_materialization_data", None)
+            evaluation = _evaluation(record.event)
+            target = evaluation.target_materialization_data if evaluation else None
             current = record.partition not in latest_mat or (
                 target is not None and target.storage_id == latest_mat[record.partition]
             )
@@ -130,6 +138,7 @@ def latest_materializations(
                 dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=part), limit=5000, cursor=cursor
             )
             for record in page.records:
+                assert record.partition_key is not None  # the filter asks for partitions by key
                 latest.setdefault(record.partition_key, record)
             if not page.has_more:
                 break

@@ -14,7 +14,7 @@ waits for it to pass (its automation condition) and refuses shards whose latest 
 """
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import dagster as dg
 
@@ -50,7 +50,7 @@ from laion_vq.shards.storage import StorageLayout, stored_shards
 AUDIT_SHARDS_TAG = "laion_vq/shards"
 
 
-def tagged_shards(tags: dict[str, str]) -> list[str] | None:
+def tagged_shards(tags: Mapping[str, str]) -> list[str] | None:
     """The shards an `AUDIT_SHARDS_TAG` names (None without the tag); a key that is no partition is an error."""
     value = tags.get(AUDIT_SHARDS_TAG)
     if value is None:
@@ -131,7 +131,7 @@ def step_done(context: dg.AssetCheckExecutionContext, check: dg.AssetCheckKey) -
 
 
 def evaluate_shards(
-    context: dg.AssetCheckExecutionContext,
+    context: dg.AssetCheckExecutionContext | dg.OpExecutionContext,
     check: dg.AssetCheckKey,
     layout: StorageLayout,
     keys: Iterable[str],
@@ -151,6 +151,7 @@ def evaluate_shards(
     for index, verdict in enumerate(audit_each(keys, audit_one), start=1):
         if not verdict.passed:
             failed.append(verdict.shard)
+            assert verdict.first is not None  # a verdict that did not pass holds a problem
             context.log.warning(f"{check.name} {verdict.shard}: {verdict.first.detail}")
         if time.monotonic() - last_log > 30:
             last_log = time.monotonic()
@@ -268,7 +269,7 @@ def audit_removals(
     layout: StorageLayout,
     folder: str,
     checks: Iterable[dg.AssetCheckKey],
-    keys_of,  # noqa: ANN001
+    keys_of,
 ) -> Iterator[dg.AssetCheckEvaluation]:
     """`no_removed_items` on tars and codes for the shards `keys_of(check)` names (also used by apply_removals)."""
     listed = listed_keys_by_shard(layout)

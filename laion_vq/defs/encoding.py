@@ -22,6 +22,7 @@ import dagster as dg
 from laion_vq import settings
 from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, failed_with_error, latest_results
 from laion_vq.defs.feeding import BackfillFeed, backfill_of
+from laion_vq.defs.metadata_keys import excluded_metadata
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError
 from laion_vq.stages.codes import CodeRun, CodeShardResult
@@ -125,9 +126,7 @@ def _record_each(
         if key in excluded:
             context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
             context.log_event(
-                dg.AssetMaterialization(
-                    context.asset_key, partition=key, metadata=keys.excluded_metadata(excluded[key])
-                )
+                dg.AssetMaterialization(context.asset_key, partition=key, metadata=excluded_metadata(excluded[key]))
             )
         elif key in failed_tars:
             error = _refused_tar(key, failed_tars)

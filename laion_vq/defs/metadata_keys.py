@@ -24,6 +24,6 @@ CHECKPOINT_SHA256 = "checkpoint_sha256"
 REASON = "reason"
 
 
-def excluded_metadata(reason: str) -> dict[str, object]:
+def excluded_metadata(reason: str) -> dict[str, str | int]:
     """What a shard the exclusion list took out records instead of its numbers."""
     return {EXCLUDED: reason, ROW_COUNT: 0}

@@ -95,7 +95,7 @@ class PoolWatch:
             wait = INTERVAL_S
             try:
                 messages = blocked_messages(self.instance, self.run_id)
-            except Exception:  # noqa: BLE001 - a diagnostic must never disturb the run it watches
+            except Exception:  # a diagnostic must never disturb the run it watches
                 continue
             if messages and messages != said:
                 for message in messages:

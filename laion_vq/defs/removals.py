@@ -107,6 +107,7 @@ def _record(context: dg.OpExecutionContext, layout: StorageLayout, shard: str, l
         record = latest_materializations(context.instance, key, [shard]).get(shard)
         if record is None:
             continue
+        assert record.asset_materialization is not None  # a record fetched as a materialization
         previous = dict(record.asset_materialization.metadata)
         meta = _removed_metadata(previous, removed=removed, lists=lists)
         if asset == "image_tars":
@@ -166,10 +167,11 @@ def apply_removals_op(
             CODES_CHECK: lambda key: audit_code_shard(layout, folder, key, grid, n_embed),
         }
         for check in (IMAGES_CHECK, CODES_CHECK):
+            # log_event's annotation leaves out AssetCheckEvaluation, which it records (an op's way to report checks)
             for evaluation in evaluate_shards(context, check, layout, shards, audits[check]):
-                context.log_event(evaluation)
+                context.log_event(evaluation)  # type: ignore[arg-type]
         for evaluation in audit_removals(context, layout, folder, audited[1::2], lambda _check: shards):
-            context.log_event(evaluation)
+            context.log_event(evaluation)  # type: ignore[arg-type]
     started = time.perf_counter()
     after = _plan(layout)
     context.log_event(dg.AssetMaterialization("removal_lists", metadata=lists_metadata(layout, after, started)))

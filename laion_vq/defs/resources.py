@@ -56,6 +56,7 @@ def _start_pool_watch(context: dg.InitResourceContext) -> Any:
         return None
     from laion_vq.defs.pool_watch import PoolWatch
 
+    assert context.log is not None  # a run's resources are initialised with its log manager
     return PoolWatch(context.instance, context.dagster_run.run_id, context.log.warning).start()
 
 
@@ -186,6 +187,9 @@ class DownloaderResource(dg.ConfigurableResource):
     def options(self):
         from laion_vq.download import DownloadOptions
 
+        allow: dict[str, Any] = (
+            {} if self.allow_networks is None else {"allow_networks": tuple(self.allow_networks.split(","))}
+        )
         return DownloadOptions(
             image_size=self.image_size,
             resize_mode=self.resize_mode,
@@ -197,7 +201,7 @@ class DownloaderResource(dg.ConfigurableResource):
             buffer_bytes=self.buffer_bytes,
             retries=self.retries,
             thread_count=self.thread_count,
-            **({} if self.allow_networks is None else {"allow_networks": tuple(self.allow_networks.split(","))}),
+            **allow,
         )
 
 
@@ -332,6 +336,8 @@ class VQGANEncoderResource(dg.ConfigurableResource):
         if self._decoder is None:
             from laion_vq.vqgan import load_decoder
 
+            # the decoder only reconstructs codes the encoder made, and load() refuses a missing checkpoint
+            assert self.checkpoint, "no checkpoint configured"
             self._decoder = load_decoder(self.vqgan_config(), _absolute(self.checkpoint), device=self.resolved_device())
         return self._decoder
 

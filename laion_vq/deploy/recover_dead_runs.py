@@ -196,11 +196,11 @@ def recover(
                 continue
             if not dry_run:
                 storage.free_concurrency_slots_for_run(run.run_id)
-            item = next((d for d in done if d.run_id == run.run_id), None)
-            if item is None:
-                item = Recovered(run.run_id, run.job_name, _partitions(dict(run.tags)), [])
-                done.append(item)
-            item.slots, item.skipped = slots, ""
+            found = next((d for d in done if d.run_id == run.run_id), None)
+            if found is None:
+                found = Recovered(run.run_id, run.job_name, _partitions(dict(run.tags)), [])
+                done.append(found)
+            found.slots, found.skipped = slots, ""
     return done
 
 

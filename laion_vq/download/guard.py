@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -116,10 +117,11 @@ class AddressPolicy:
             return None
         embedded = _embedded_ipv4(address)
         if embedded is not None:
+            assert isinstance(address, ipaddress.IPv6Address)  # only an IPv6 address embeds an IPv4 one
             inner = None if self._allowed(embedded) else self._rule(embedded)
             if inner is not None:
                 return f"{inner}, IPv4 {embedded} embedded in IPv6"
-            if address.ipv4_mapped is not None or address in _NAT64:  # type: ignore[union-attr]
+            if address.ipv4_mapped is not None or address in _NAT64:
                 return None  # mapped and NAT64 addresses reach exactly their IPv4 host, which passed
         return self._rule(address)
 
@@ -158,7 +160,14 @@ class FetchLimits:
 # --------------------------------------------------------------------------- sockets with a deadline
 
 
-class _DeadlineMixin:
+# The mixin only ever sits before a socket class in the MRO; type-check it as one (at runtime it is a plain mixin).
+if TYPE_CHECKING:
+    _SocketBase = socket.socket
+else:
+    _SocketBase = object
+
+
+class _DeadlineMixin(_SocketBase):
     """Every receive and send first shortens the socket timeout to what is left of the deadline.
 
     http.client reads a header line or a body with many `recv` calls; a per-call timeout alone lets a
@@ -172,19 +181,19 @@ class _DeadlineMixin:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("deadline passed")
-        self.settimeout(remaining if self.io_timeout is None else min(self.io_timeout, remaining))  # type: ignore[attr-defined]
+        self.settimeout(remaining if self.io_timeout is None else min(self.io_timeout, remaining))
 
-    def recv(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def recv(self, *args, **kwargs):
         self._arm()
-        return super().recv(*args, **kwargs)  # type: ignore[misc]
+        return super().recv(*args, **kwargs)
 
-    def recv_into(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def recv_into(self, *args, **kwargs):
         self._arm()
-        return super().recv_into(*args, **kwargs)  # type: ignore[misc]
+        return super().recv_into(*args, **kwargs)
 
-    def sendall(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def sendall(self, *args, **kwargs):
         self._arm()
-        return super().sendall(*args, **kwargs)  # type: ignore[misc]
+        return super().sendall(*args, **kwargs)
 
 
 class _DeadlineSocket(_DeadlineMixin, socket.socket):
@@ -252,7 +261,8 @@ class _GuardedHTTPSConnection(http.client.HTTPSConnection):
         except BaseException:
             raw.close()
             raise
-        sock.deadline, sock.io_timeout = self._deadline, self._limits.timeout  # type: ignore[attr-defined]
+        assert isinstance(sock, _DeadlineSSLSocket)  # _tls_context() makes its sockets of that class
+        sock.deadline, sock.io_timeout = self._deadline, self._limits.timeout
         self.sock = sock
 
 
@@ -422,7 +432,8 @@ def fetch(url: str, limits: FetchLimits, budget: ByteBudget | None = None) -> by
             hops += 1
             if hops > limits.max_redirects:
                 raise FetchError(f"too many redirects: more than {limits.max_redirects}")
-            url = url_next  # type: ignore[assignment]
+            assert url_next is not None  # _fetch_once returns a redirect target whenever it returns no body
+            url = url_next
     except FetchError:
         raise
     except TimeoutError as err:

@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
 #: EXIF tag of the orientation (1: upright; 2–8: mirrored and/or rotated)
@@ -129,7 +129,8 @@ def _is_16_bit(image: Image.Image, data: bytes, fmt: str) -> bool:
     if fmt == "png":
         return data[24:25] == b"\x10"  # IHDR bit depth
     if fmt == "tiff":
-        return 16 in (image.tag_v2.get(258) or ())  # type: ignore[attr-defined] - BitsPerSample
+        assert isinstance(image, TiffImagePlugin.TiffImageFile)  # PIL opens the bytes sniffed as TIFF as one
+        return 16 in (image.tag_v2.get(258) or ())  # BitsPerSample
     return False
 
 
@@ -189,6 +190,6 @@ def prepare_image(data: bytes, max_pixels: float) -> tuple[bytes | None, str | N
                     return _rewrite_8bit_upright(image, sixteen_bit), None
     except Image.DecompressionBombError as err:
         return None, f"decompression bomb: {err}"
-    except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is an image we cannot trust
+    except Exception as err:  # any header PIL cannot parse is an image we cannot trust
         return None, f"undecodable image: {fmt}: {str(err)[:100]}"
     return data, None

@@ -50,7 +50,6 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -124,9 +123,10 @@ check_img2dataset_version(installed_img2dataset_version())
 
 
 @functools.cache
-def _img2dataset() -> dict[str, ModuleType]:
+def _img2dataset() -> dict[str, Any]:
     """Import img2dataset lazily: it pulls in torch, webdataset and wandb (~3 s), which merely
-    importing `laion_vq.download` (e.g. when Dagster loads definitions) should not pay for."""
+    importing `laion_vq.download` (e.g. when Dagster loads definitions) should not pay for. Typed Any:
+    img2dataset has no type information, and we subclass and patch what it holds."""
     from img2dataset import downloader, resizer, writer
 
     return {"downloader": downloader, "resizer": resizer, "writer": writer}
@@ -438,7 +438,7 @@ def _prepare_rows(
         raise ValueError(f"columns {extra} clash with each other once renamed to {extra_names}")
 
     hashed = [hash_col] if hash_col is not None else []
-    column_list = [*extra_names, "caption", *([hash_type] if hash_col else []), "url"]
+    column_list = [*extra_names, "caption", *([hash_type] if hash_col and hash_type else []), "url"]
     table = rows.select([*extra, caption_col, *hashed, url_col]).rename_columns(column_list)
     caption_type = table.schema.field("caption").type
     if pa.types.is_binary(caption_type) or pa.types.is_large_binary(caption_type):
@@ -558,12 +558,14 @@ def _hashing_writer_class() -> type:
     writes each sample (tar names, json, status row) under its key in the full shard, and marks the rows
     of images the resizer refused for a removal list `removed`."""
 
-    class HashingWebDatasetSampleWriter(_img2dataset()["writer"].WebDatasetSampleWriter):
+    base: Any = _img2dataset()["writer"].WebDatasetSampleWriter
+
+    class HashingWebDatasetSampleWriter(base):
         def __init__(self, state: _WriterState, *args: Any) -> None:
             super().__init__(*args)
             self.state = state
 
-        def write(self, img_str, key, caption, meta):  # type: ignore[no-untyped-def]
+        def write(self, img_str, key, caption, meta):
             key = self.state.keys.get(key, key)
             meta["key"] = key
             message = meta.get("error_message")
@@ -585,7 +587,7 @@ def _install_guarded_fetch() -> None:
         original = downloader.download_image
 
         @functools.wraps(original)
-        def _guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives):  # type: ignore[no-untyped-def]
+        def _guarded_download_image(row, timeout, user_agent_token, disallowed_header_directives):
             if not isinstance(timeout, _ShardFetch):  # plain img2dataset use: leave it as it was
                 return original(row, timeout, user_agent_token, disallowed_header_directives)
             key, url = row
@@ -593,7 +595,7 @@ def _install_guarded_fetch() -> None:
                 return key, _BudgetedBody(fetch(url, timeout.limits, timeout.budget), timeout.budget), None
             except FetchError as err:
                 return key, None, str(err)
-            except Exception as err:  # noqa: BLE001 - img2dataset's contract: the error as a message
+            except Exception as err:  # img2dataset's contract: the error as a message
                 return key, None, f"{type(err).__name__}: {err}"
 
         downloader.download_image = _guarded_download_image
@@ -634,6 +636,7 @@ class _CheckedResizer:
         prepared, problem = prepare_image(data, self.max_pixels)
         if problem is not None:
             return None, None, None, None, None, problem
+        assert prepared is not None  # prepare_image returns the bytes whenever it names no problem
         result = self.resizer(img_stream if prepared is data else io.BytesIO(prepared), blurring_bbox_list)
         listed = None if result[0] is None else self._listed(result[0], f"stored {self.encode_format}")
         if listed is not None:

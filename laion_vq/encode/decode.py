@@ -86,7 +86,7 @@ def safe_decode(item: tuple[str, bytes], image_size: int) -> tuple[str, np.ndarr
     digest = sha256_hex(data)
     try:
         return key, decode_rgb(data, image_size), "", digest
-    except Exception as err:  # noqa: BLE001 - every decode failure is counted by its reason
+    except Exception as err:  # every decode failure is counted by its reason
         return key, None, failure_reason(err), digest
 
 
@@ -277,13 +277,13 @@ class ImageDecoder:
             tensors = [torch.frombuffer(bytearray(items[i][1]), dtype=torch.uint8) for i in on_gpu]
             try:
                 outs = self._device_decode(tensors)
-            except Exception:  # noqa: BLE001 - nvJPEG fails the whole batch for one bad image: retry alone
+            except Exception:  # nvJPEG fails the whole batch for one bad image: retry alone
                 batch_errors = 1
                 outs = []
                 for t in tensors:
                     try:
                         outs.extend(self._device_decode([t]))
-                    except Exception:  # noqa: BLE001 - this image goes to PIL, which decides
+                    except Exception:  # this image goes to PIL, which decides
                         outs.append(GPU_IMAGE_ERROR)
             for i, out in zip(on_gpu, outs, strict=True):
                 if isinstance(out, str):
@@ -306,7 +306,7 @@ class ImageDecoder:
                     reasons[i] = reason
 
         keep = [i for i in range(n) if results[i] is not None]
-        images = torch.stack([results[i] for i in keep]) if keep else self._empty()
+        images = torch.stack([r for r in results if r is not None]) if keep else self._empty()
         return DecodedBatch(
             keys=[items[i][0] for i in keep],
             images=images,

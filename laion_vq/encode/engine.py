@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from laion_vq.vqgan.model import VQGANEncoder, preprocess
+from laion_vq.vqgan.quantizers import GumbelQuantizeHead
 from laion_vq.vqgan.sampling import check_index_rule, key_seeds
 
 __all__ = [
@@ -133,7 +134,8 @@ class ModelEngine:
             # exact: the reference codes. fast: bf16 does not use TF32 anyway; fp32 head stays IEEE.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        self._body: nn.Module = model.encoder
+        # the encoder, or torch.compile's wrapper around it (a Module at runtime, typed as a plain callable)
+        self._body: Callable[..., torch.Tensor] = model.encoder
         self._eager_body: nn.Module = model.encoder
         if mode == "fast":
             body = copy.deepcopy(model.encoder).to(torch.bfloat16)
@@ -156,11 +158,15 @@ class ModelEngine:
         if self.mode == "exact":
             codes = model(x, seeds)
         else:
-            body = self._eager_body if eager else self._body
+            body: Callable[..., torch.Tensor] = self._eager_body if eager else self._body
             h = body(x.to(torch.bfloat16))
             z = model.quant_conv(h.float())
-            sample = model.quantize.sample  # type: ignore[union-attr]
-            codes = model.quantize.indices(z) if seeds is None else sample(z, seeds)
+            if seeds is None:
+                codes = model.quantize.indices(z)
+            else:
+                # check_index_rule (in __init__) lets only Gumbel heads take the `sample` rule
+                assert isinstance(model.quantize, GumbelQuantizeHead)
+                codes = model.quantize.sample(z, seeds)
         return codes.to(torch.int16)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
@@ -227,7 +233,7 @@ class ModelEngine:
                 part = slice(done, min(n, done + size))
                 try:
                     out[part] = self._run_padded(on_device[part], None if seeds is None else seeds[part])
-                except Exception as err:  # noqa: BLE001 - only OOM is retried; the rest propagates
+                except Exception as err:  # only OOM is retried; the rest propagates
                     if not _is_oom(err) or size == 1:
                         raise
                     self._back_off(err)

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +151,16 @@ class EncodePipeline:
                 continue
         raise _Stopped
 
+    def _get(self, q: queue.Queue, stop: threading.Event) -> object:
+        """The next item, or _Stopped once the run is stopping: the reader may stop without sending its end
+        marker, and a bare `get()` would then wait forever (a thread left behind per stopped run)."""
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
     def _open_shard(self, shard_id: int, keep: int) -> ShardAccumulator:
         dest = self.spec.destination(self.layout, shard_id)
         provenance = {**self.spec.provenance, **shard_source_provenance(self.layout, shard_id)}
@@ -170,7 +180,7 @@ class EncodePipeline:
             for shard_id in self._feed(shard_ids):
                 try:
                     acc = self._open_shard(shard_id, keep.get(shard_id, 0))
-                except Exception as err:  # noqa: BLE001 - that shard's outcome, yielded in order
+                except Exception as err:  # that shard's outcome, yielded in order
                     self._put(out, _End(shard_id, error=err), stop)
                     continue
                 self._put(out, _Start(acc), stop)
@@ -192,7 +202,7 @@ class EncodePipeline:
                     end.tar_error = str(err)
                 except _Stopped:
                     raise
-                except Exception as err:  # noqa: BLE001 - the shard's outcome
+                except Exception as err:  # the shard's outcome
                     end.error = err
                 if end.error is None and (items or missing):
                     self._put(out, _Chunk(acc, items, missing), stop)
@@ -200,7 +210,7 @@ class EncodePipeline:
             self._put(out, None, stop)
         except _Stopped:
             return
-        except BaseException as err:  # noqa: BLE001 - a bug here must surface in the caller's thread
+        except BaseException as err:  # a bug here must surface in the caller's thread
             self._put(out, _Fatal(err), stop)
 
     def _feed(self, shard_ids: Iterable[int]) -> Iterator[int]:
@@ -219,7 +229,7 @@ class EncodePipeline:
     def _decode(self, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
         try:
             while True:
-                msg = inbox.get()
+                msg = self._get(inbox, stop)
                 if isinstance(msg, _Chunk) and msg.items:
                     msg.decoded = self.decoder.decode(msg.items)
                 self._put(out, msg, stop)
@@ -227,7 +237,7 @@ class EncodePipeline:
                     return
         except _Stopped:
             return
-        except BaseException as err:  # noqa: BLE001 - surfaces in the caller's thread
+        except BaseException as err:  # surfaces in the caller's thread
             with contextlib.suppress(_Stopped):
                 self._put(out, _Fatal(err), stop)
 
@@ -235,7 +245,7 @@ class EncodePipeline:
 
     def run(
         self, shard_ids: Iterable[int], keep_samples: Mapping[int, int] | None = None
-    ) -> Iterator[tuple[int, CodeShardResult | BaseException]]:
+    ) -> Generator[tuple[int, CodeShardResult | BaseException], None, None]:
         """Yield ``(shard_id, result or exception)`` for each shard, in the order given. ``shard_ids`` is read
         lazily, in the reader thread: it may block until the next shard is ready."""
         stop = threading.Event()

@@ -77,7 +77,7 @@ def refuse_other_version(dest: str, provenance: dict) -> None:
         return
     try:
         stored = read_codes_provenance(dest)
-    except Exception:  # noqa: BLE001 - a corrupted parquet is no version to protect: re-encoding repairs it
+    except Exception:  # a corrupted parquet is no version to protect: re-encoding repairs it
         return
     differ = {k: (stored[k], provenance[k]) for k in VERSION_KEYS if k in stored and k in provenance}
     differ = {k: v for k, v in differ.items() if v[0] != v[1]}
@@ -116,7 +116,7 @@ def status_table(layout: StorageLayout, shard_id: int) -> pa.Table:
     require_upstream(url, "image_tars", read=False)
     try:
         table = pq.read_table(io.BytesIO(read_bytes(url)))
-    except Exception as err:  # noqa: BLE001 - any read failure means the shard cannot be trusted
+    except Exception as err:  # any read failure means the shard cannot be trusted
         raise CorruptShardError(f"{url}: unreadable img2dataset status parquet: {err}") from err
     if "key" not in table.column_names or "status" not in table.column_names:
         raise CorruptShardError(f"{url}: status parquet lacks key/status columns: {table.column_names}")

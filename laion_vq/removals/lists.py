@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import polars as pl
 import pyarrow.parquet as pq
+from polars.datatypes import DataTypeClass
 
 from laion_vq.shards.storage import TMP_MARKER, StorageLayout, exists, filesystem, publish_bytes, read_bytes
 
@@ -53,7 +54,7 @@ LISTS_DIR = "removals"
 LEDGER_NAME = "applied.parquet"
 SUFFIXES = (".csv", ".parquet")
 #: One row per (item, key) removed; the item as listed, never the removed content.
-LEDGER_SCHEMA = {
+LEDGER_SCHEMA: dict[str, pl.DataType | DataTypeClass] = {
     "kind": pl.String,
     "item": pl.String,
     "list_name": pl.String,
@@ -199,7 +200,7 @@ def _rows_csv(data: bytes, source: str) -> Iterable[tuple[int, dict[str, str], s
 def _rows_parquet(data: bytes, source: str) -> Iterable[tuple[int, dict[str, object], str]]:
     try:
         table = pq.read_table(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001 - an unreadable list is a list that does not parse
+    except Exception as err:  # an unreadable list is a list that does not parse
         raise RemovalListError(f"{source}: unreadable parquet: {type(err).__name__}: {err}") from None
     _check_columns(table.column_names, source)
     for row_number, row in enumerate(table.to_pylist(), start=1):

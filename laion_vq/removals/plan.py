@@ -74,7 +74,7 @@ def storage_options(root: str) -> dict[str, str] | None:
     if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return None
     client = dict(getattr(fs, "client_kwargs", {}) or {})
-    options = {
+    found = {
         "aws_endpoint_url": client.get("endpoint_url") or getattr(fs, "endpoint_url", None),
         "aws_region": client.get("region_name"),
         "aws_access_key_id": getattr(fs, "key", None),
@@ -88,7 +88,7 @@ def storage_options(root: str) -> dict[str, str] | None:
         "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
         "aws_session_token": "AWS_SESSION_TOKEN",
     }
-    options = {k: str(v or os.environ.get(env[k], "")) for k, v in options.items()}
+    options = {k: str(v or os.environ.get(env[k], "")) for k, v in found.items()}
     options = {k: v for k, v in options.items() if v}
     if options.get("aws_endpoint_url", "").startswith("http://"):
         options["aws_allow_http"] = "true"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterable
+from typing import cast
 
 import polars as pl
 import yaml
@@ -81,10 +82,9 @@ def _success_spread(rows: pl.DataFrame) -> str:
     rates = rows.get_column("success_rate").drop_nulls()
     if rates.is_empty():
         return ""
-    return (
-        f"Download success per shard: lowest {rates.min():.1%}, median {rates.median():.1%}, "
-        f"highest {rates.max():.1%}.\n"
-    )
+    # floats (a Float64 column), though polars types a Series' min/median/max as any scalar
+    lowest, median, highest = cast(tuple[float, float, float], (rates.min(), rates.median(), rates.max()))
+    return f"Download success per shard: lowest {lowest:.1%}, median {median:.1%}, highest {highest:.1%}.\n"
 
 
 def _front_matter(model: str, included_files: list[str], images: int, source: SourceFormat) -> str:
@@ -285,7 +285,8 @@ def dataset_card(
         )
         out.append("")
     out.append(_removals_section(removals or []))
-    rows_per_shard = table.get_column("metadata_rows").max() or 10_000  # the full shards' size, from the report
+    # the full shards' size, from the report (an int column: polars types its max as any scalar)
+    rows_per_shard = cast(int, table.get_column("metadata_rows").max()) or 10_000
     out.append(
         "## How it was made\n\n"
         f"1. {name} metadata parts, cut into shards of {rows_per_shard:,} rows (`metadata/NNNNN.parquet`)"

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -58,7 +59,11 @@ def build_codes_table(
         columns["key"].append(key)
         columns["code"].append(little[i].tobytes())
         for name in schema.names[2:]:
-            columns[name].append(image_sha256[i] if name == "image_sha256" else row.get(name))  # type: ignore[index]
+            if name == "image_sha256":
+                assert image_sha256 is not None  # the schema has this column only when the hashes are given
+                columns[name].append(image_sha256[i])
+            else:
+                columns[name].append(row.get(name))
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -177,8 +182,7 @@ def check_codes_table(
     if any(k is None for k in keys):
         report.fail("null keys", f"{sum(k is None for k in keys)} null key(s)")
         return report
-    seen: set[str] = set()
-    duplicated = sorted({k for k in keys if k in seen or seen.add(k)})
+    duplicated = sorted(k for k, count in Counter(keys).items() if count > 1)
     if duplicated:
         report.fail("duplicate keys", f"{len(keys) - len(set(keys))} duplicate key(s), first {duplicated[0]}")
     unsorted = next((keys[i + 1] for i in range(len(keys) - 1) if keys[i + 1] < keys[i]), None)

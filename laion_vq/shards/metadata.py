@@ -19,6 +19,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,9 @@ import pyarrow.parquet as pq
 from laion_vq.shards.schema import LAION_SCHEMA, SchemaError, conform_laion_table
 from laion_vq.shards.sources import DEFAULT_PRESET, PARQUET, SourceFormat, preset
 from laion_vq.shards.storage import filesystem
+
+if TYPE_CHECKING:  # at run time imported where used: text_index imports this module
+    from laion_vq.shards.text_index import TextPartIndex
 
 #: The key of our record in a metadata shard's parquet key-value metadata.
 SHARD_SOURCE_KEY = b"laion_vq"
@@ -158,7 +162,7 @@ class LaionMetadata:
         self.format = source_format or preset(DEFAULT_PRESET)
         self.index_dir = index_dir
         self.build_index = build_index
-        self._text_indexes: dict[str, object] = {}
+        self._text_indexes: dict[str, TextPartIndex] = {}
 
     @cached_property
     def parts(self) -> list[PartFile]:
@@ -233,7 +237,7 @@ class LaionMetadata:
 
             index = self._text_indexes[part.url]
             local = where.start // self.samples_per_shard
-            table = text_index.read_text_rows(index, local)  # type: ignore[arg-type]
+            table = text_index.read_text_rows(index, local)
             if table.num_rows != where.num_rows:
                 raise SchemaError(
                     f"{part.url} (shard {shard_id:05d}): read {table.num_rows} rows where its index says "

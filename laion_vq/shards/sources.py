@@ -10,6 +10,7 @@ format one by one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pyarrow as pa
 
@@ -75,7 +76,7 @@ class SourceFormat:
         self, url_column: str | None = None, caption_column: str | None = None, input_format: str | None = None
     ) -> SourceFormat:
         """This preset with the operator's explicit URL/caption columns or file format."""
-        changes = {
+        changes: dict[str, Any] = {
             key: value
             for key, value in (
                 ("url_column", url_column),

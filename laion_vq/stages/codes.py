@@ -114,7 +114,7 @@ class FirstShardSamples(dict):
         super().__init__()
         self.samples = samples
 
-    def get(self, shard, default=0):  # noqa: ANN001, ANN201 - dict.get's signature
+    def get(self, shard, default=0):  # dict.get's signature
         samples, self.samples = self.samples, 0
         return samples
 

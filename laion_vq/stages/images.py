@@ -17,11 +17,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from laion_vq import settings
 from laion_vq.removals.lists import RemovalList
 from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes, require_upstream
 from laion_vq.stages.metadata import read_metadata_shard
+
+if TYPE_CHECKING:
+    from laion_vq.download import DownloadOptions  # at run time imported by download_image_shard, when called
 
 
 @dataclass
@@ -162,7 +166,7 @@ def download_image_shard(
     layout: StorageLayout,
     shard_id: int,
     samples_per_shard: int,
-    options: object | None = None,
+    options: DownloadOptions | None = None,
     progress: Callable[[str], None] | None = None,
     progress_every: float = 30.0,
     min_rate_ratio: float = 0.5,

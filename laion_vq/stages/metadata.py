@@ -34,7 +34,7 @@ def filter_mask(table: pa.Table, predicate: str) -> list[bool]:
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
         mask = frame.select(pl.sql_expr(predicate).fill_null(False).alias("keep")).get_column("keep")
-    except Exception as err:  # noqa: BLE001 - polars raises many types for a bad expression; one clear error
+    except Exception as err:  # polars raises many types for a bad expression; one clear error
         raise FilterError(
             f"LAION_VQ_FILTER {predicate!r} cannot be evaluated on columns {table.column_names}: "
             f"{type(err).__name__}: {err}"

@@ -20,6 +20,7 @@ from torch import nn
 
 from .decoder import VQGANDecoder
 from .model import VQGANEncoder
+from .quantizers import GumbelQuantizeHead
 from .registry import VQGANConfig
 from .safe_pickle import CheckpointError, load_weights_only
 
@@ -259,7 +260,8 @@ def save_random_checkpoint(config: VQGANConfig, path: str | os.PathLike[str], se
         encoder = VQGANEncoder(config)
         torch.manual_seed(seed)
         decoder = VQGANDecoder(config)
-    codebook = encoder.quantize.embed if config.quantizer == "gumbel" else encoder.quantize.embedding
+    quantize = encoder.quantize  # a GumbelQuantizeHead exactly when config.quantizer == "gumbel"
+    codebook = quantize.embed if isinstance(quantize, GumbelQuantizeHead) else quantize.embedding
     with torch.no_grad():
         decoder.quantize.weight.copy_(codebook.weight)
     state_dict: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}

@@ -12,6 +12,7 @@ are bit-identical to the reference.
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class Decoder(nn.Module):
         h = self.mid.attn_1(h)
         h = self.mid.block_2(h)
         for i_level in reversed(range(self.num_resolutions)):
-            level = self.up[i_level]
+            level = cast(_Level, self.up[i_level])  # self.up holds only _Level containers
             for i_block in range(self.num_res_blocks + 1):
                 h = level.block[i_block](h)
                 if len(level.attn) > 0:

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 from .registry import MODELS, VQGANConfig
 
@@ -45,7 +45,7 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 
 # target -> quantizer. ldm's VQModelInterface is VQModel with encode() stopping before the quantizer
 # (used as LatentDiffusion's first stage); both build taming's VectorQuantizer2 (ldm imports it).
-_VQ_TARGETS = {
+_VQ_TARGETS: dict[str, Literal["gumbel", "vq"]] = {
     "taming.models.vqgan.VQModel": "vq",
     "taming.models.vqgan.GumbelVQ": "gumbel",
     "ldm.models.autoencoder.VQModel": "vq",
@@ -183,7 +183,7 @@ def _parse(doc: Any, source: str, name: str) -> VQGANConfig:
             z_channels=_int(get("z_channels"), "ddconfig.z_channels", source),
             embed_dim=_int(_get(params, "embed_dim", "params.", source), "embed_dim", source),
             n_embed=_int(_get(params, "n_embed", "params.", source), "n_embed", source),
-            quantizer=quantizer,  # type: ignore[arg-type]
+            quantizer=quantizer,
             resolution=_int(get("resolution"), "ddconfig.resolution", source),
             in_channels=in_channels,
             description=f"from {source} ({target})",

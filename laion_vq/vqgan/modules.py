@@ -9,7 +9,7 @@ bit-identical to the reference, which is what lets us call our codes "the" VQGAN
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def Normalize(in_channels: int) -> nn.GroupNorm:  # noqa: N802 - taming's name, kept for recognisability
+def Normalize(in_channels: int) -> nn.GroupNorm:  # taming's name, kept for recognisability
     """GroupNorm with taming's fixed 32 groups and eps=1e-6."""
     return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
 
@@ -133,6 +133,9 @@ def set_attn_impl(module: nn.Module, attn_impl: AttnImpl) -> None:
 class _Level(nn.Module):
     """One resolution level: a container so keys read ``down.{i}.block.{j}`` / ``.attn.{j}`` / ``.downsample``."""
 
+    downsample: nn.Module  # the encoder's levels but the last
+    upsample: nn.Module  # the decoder's levels but the first
+
     def __init__(self) -> None:
         super().__init__()
         self.block = nn.ModuleList()
@@ -207,7 +210,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for i_level, level in enumerate(self.down):
+        for i_level, module in enumerate(self.down):
+            level = cast(_Level, module)  # self.down holds only _Level containers
             for i_block in range(self.num_res_blocks):
                 h = level.block[i_block](h)
                 if len(level.attn) > 0:

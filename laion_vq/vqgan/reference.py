@@ -7,6 +7,8 @@ the production path imports this module. Only ``taming.modules.diffusionmodules.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ class TamingReference(nn.Module):
             dropout=0.0,
         )
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
-        self.quantize: nn.Module
+        self.quantize: Any  # taming's GumbelQuantize or VectorQuantizer2 (taming has no type information)
         if config.quantizer == "gumbel":
             self.quantize = GumbelQuantize(config.z_channels, config.embed_dim, n_embed=config.n_embed)
         else:

@@ -29,6 +29,7 @@ Not supported (clear :class:`CheckpointError`)
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pickle import UnpicklingError
 from typing import Any
 
@@ -55,6 +56,8 @@ class ForeignObject:
     """
 
     foreign_name = "?"
+    args: tuple[Any, ...]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         obj = super().__new__(cls)
@@ -91,7 +94,7 @@ def _weights_only_load(path: str, names: list[str]) -> Any:
     in another thread may therefore also see these placeholders, which is harmless because they are
     inert. ``weights_only=True`` passed explicitly is not overridable by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
     """
-    mapping = [(_placeholder(n), n) for n in names]
+    mapping: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [(_placeholder(n), n) for n in names]
     with torch.serialization.safe_globals(mapping):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -110,7 +113,7 @@ def load_weights_only(path: str) -> Any:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unrecognised header {head!r})")
     # Legacy (pre-zip) format: torch has no static scanner for it, so discover foreign globals one
     # at a time from the weights-only unpickler's refusal message. Nothing is executed meanwhile.
-    names: list[str] = []
+    names = []
     for _ in range(_MAX_LEGACY_RETRIES):
         try:
             return _weights_only_load(path, names)

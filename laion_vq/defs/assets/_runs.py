@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import dagster as dg
 
+from laion_vq.defs.metadata_keys import excluded_metadata
 from laion_vq.shards.numbering import parse_shard_key
 
 T = TypeVar("T")
@@ -36,11 +37,11 @@ def for_each_shard(
     for index, key in enumerate(keys, start=1):
         if key in excluded:
             context.log.warning(f"shard {key} skipped: on the exclusion list ({excluded[key]})")
-            done[key] = keys.excluded_metadata(excluded[key])
+            done[key] = excluded_metadata(excluded[key])
             continue
         try:
             result = work(parse_shard_key(key))
-        except Exception as err:  # noqa: BLE001 - reported below, per shard, never swallowed
+        except Exception as err:  # reported below, per shard, never swallowed
             context.log.error(f"shard {key} failed: {type(err).__name__}: {err}")
             failures[key] = f"{type(err).__name__}: {err}"
             continue

@@ -56,7 +56,7 @@ def _metadata(result: CodeShardResult) -> dict:
     }
     if result.code_usage is not None and result.code_usage.sum():
         top = np.argsort(result.code_usage)[::-1][:10]
-        meta["top_codes"] = dg.MetadataValue.json({int(c): int(result.code_usage[c]) for c in top})
+        meta["top_codes"] = dg.MetadataValue.json({str(int(c)): int(result.code_usage[c]) for c in top})
         meta["code_usage"] = dg.MetadataValue.md(png_markdown(code_usage_png(result.code_usage), "code usage"))
     return meta
 
@@ -68,7 +68,7 @@ def _preview(context: dg.AssetExecutionContext, encoder: VQGANEncoderResource, r
         return {}
     try:
         recon = encoder.load_decoder().decode_codes(result.sample_codes)
-    except Exception as err:  # noqa: BLE001 - previews must never fail an encode
+    except Exception as err:  # previews must never fail an encode
         context.log.warning(f"no reconstructions in the preview: {type(err).__name__}: {err}")
         return {}
     model = encoder.vqgan_config().name
@@ -129,7 +129,9 @@ def _run_metadata(run: CodeRun) -> dict:
     }
 
 
-@dg.asset(
+# Dagster types `dg.Nothing` as `type[None]`, which `dagster_type` (a DagsterType) does not accept; at run time
+# it resolves to the Nothing type, as documented
+@dg.asset(  # type: ignore[call-overload]
     partitions_def=shard_partitions,
     deps=[image_tars],
     backfill_policy=ENCODE_BACKFILL_POLICY,

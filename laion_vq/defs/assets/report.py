@@ -9,6 +9,8 @@ audit (`corrupted_shards_report` schedule) and on demand (Materialize in the UI)
 """
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -39,18 +41,19 @@ from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.storage import StorageLayout, filesystem, publish_bytes
 
 
-def _value(metadata: dict, name: str, default=None):  # noqa: ANN001, ANN202 - metadata values of any kind
+def _value(metadata: Mapping[str, Any], name: str, default=None):  # metadata values of any kind
     entry = metadata.get(name)
     return default if entry is None else entry.value
 
 
-def _materialized(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, float, dict]]:
+def _materialized(instance: dg.DagsterInstance, asset: str) -> list[tuple[str, float, Mapping[str, Any]]]:
     """(shard, timestamp, metadata) of each partition's latest materialization; excluded shards' records
     (skipped, `excluded` in their metadata) are left out: the exclusion list speaks for them."""
     key = dg.AssetKey(asset)
     partitions = sorted(instance.get_materialized_partitions(key))
     rows = []
     for shard, record in latest_materializations(instance, key, partitions).items():
+        assert record.asset_materialization is not None  # a record fetched as a materialization
         metadata = record.asset_materialization.metadata
         if keys.EXCLUDED not in metadata:
             rows.append((shard, record.timestamp, metadata))
@@ -146,7 +149,7 @@ def _columns_of(url: str) -> list[str]:
         return list(pq.ParquetFile(f).schema_arrow.names)
 
 
-def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # noqa: ANN001 - StorageLayout, ShardReport
+def _write_card(layout, folder: str, report) -> tuple[str | None, int]:  # StorageLayout, ShardReport
     """The dataset card beside the code parquets, from the stored provenance of an included shard."""
     fs, path = filesystem(layout.codes_dir(folder))
     names = [p.rsplit("/", 1)[-1] for p in fs.glob(path.rstrip("/") + "/*.parquet")] if fs.exists(path) else []
