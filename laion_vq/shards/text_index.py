@@ -1,32 +1,17 @@
 """Cut text metadata parts (csv, tsv, jsonl, and their .gz) into img2dataset's shards without reading a whole part.
 
-img2dataset reads a whole text part into memory to cut it into shards of S rows. We instead scan each part ONCE,
-streaming, and store a small index beside the metadata shards: the byte offset (in the decompressed stream) of the
-first row of every shard, the column names and the Arrow types inferred once for the whole part. Reading shard k
-later reads only the bytes `[offsets[k], offsets[k+1])` and parses them with those stored names and types, so every
-shard of a part has the same schema.
+img2dataset reads a whole text part into memory to cut it into shards of S rows. We scan each part once, streaming
+(`text_scan`), and store an index beside the metadata shards: the decompressed byte offset of every shard's first row,
+the column names (the first non-empty csv/tsv line, unless given: CC12M's TSV has none) and the Arrow types inferred
+once for the part. Shard k then reads only `[offsets[k], offsets[k+1])`, parses it with those names and types, so
+every shard of a part has the same schema, and checks that pyarrow parsed exactly the rows the index promised.
 
-Row boundaries are found exactly as pyarrow's parsers find them (the img2dataset reader uses pyarrow's defaults):
-
-- csv/tsv: `"` quoting that opens only at the start of a field (a quoted field may hold the delimiter, line breaks
-  and doubled quotes `""`; a quote anywhere else is a literal character, e.g. `5" tall` in a TSV caption), line ends
-  `\\n`, `\\r\\n` or a bare `\\r`, empty lines skipped, a last line with or without a line end. The first non-empty
-  line is the header unless the caller gives the column names (CC12M's TSV has none).
-- jsonl: one object per line, blank (whitespace-only) lines skipped; a line that is not a whole object (an object
-  spread over several lines) cannot be cut exactly and is an error at index time.
-
-The scan is vectorised with numpy over chunks of about 1 MB: line ends and quotes come from `flatnonzero`, quoted
-regions from quote parity, which is exact when every quote is either an opening quote at a field start, a closing
-quote before a delimiter or line end, or half of a doubled quote (checked, vectorised, per chunk). A chunk that fails
-the check (a literal quote inside an unquoted field) is walked quote by quote with pyarrow's own state machine.
-Reading a shard also checks that pyarrow parsed exactly the number of rows the index promised.
-
-Differences from a whole-file pyarrow read, by design: types come from the first block (about 4 MB) and are then
-fixed, so a later value that does not fit (a float in a column of ints, a string in a column of numbers, a jsonl key
-absent from the first block) is a `SchemaError` naming the file, the shard and the column, where a whole-file read
-would have widened the type; a column with only nulls in the first block is read as string. A quoted field holding a
-line break makes pyarrow's default (`newlines_in_values=False`) whole-file read fail past its first 1 MB block; we
-record whether the part has one and then read with `newlines_in_values=True`.
+By design, unlike a whole-file pyarrow read: types come from the first block (about 4 MB) and are then fixed, so a
+later value that does not fit (a float in a column of ints, a string in a column of numbers, a jsonl key absent from
+the first block) is a `SchemaError` naming the file, the shard and the column, where a whole-file read would widen the
+type; a column with only nulls in the first block is read as string. A quoted field holding a line break makes
+pyarrow's default (`newlines_in_values=False`) whole-file read fail past its first 1 MB block; we record whether the
+part has one and then read with `newlines_in_values=True`.
 """
 
 from __future__ import annotations
@@ -36,12 +21,11 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -49,6 +33,8 @@ import pyarrow.json as pajson
 from laion_vq.shards.metadata import ShardOutOfRange
 from laion_vq.shards.schema import SchemaError
 from laion_vq.shards.storage import exists, filesystem, publish_bytes, read_bytes
+from laion_vq.shards.text_scan import CHUNK_BYTES, RowScanner, TextFormatError, open_stream
+from laion_vq.shards.text_scan import MAX_ROW_BYTES as MAX_ROW_BYTES  # re-exported: the scan's public limit
 
 CSV_FORMATS = ("csv", "csv.gz", "tsv", "tsv.gz")
 JSONL_FORMATS = ("jsonl", "jsonl.gz")
@@ -56,22 +42,11 @@ TEXT_INPUT_FORMATS = CSV_FORMATS + JSONL_FORMATS
 
 #: Bump when the index's meaning changes: an index of another version is rebuilt, never trusted.
 INDEX_VERSION = 1
-#: Bytes read (decompressed) per step of the scan: large enough for numpy to pay off, small enough that the
-#: per-chunk temporaries stay in cache (measured faster than 8 MB) and memory stays bounded.
-CHUNK_BYTES = 1 << 20
 #: Bytes of whole rows at the start of a part that pyarrow infers the stored column types from.
 INFER_BYTES = 4 << 20
-#: A row longer than this is almost surely an unterminated quote swallowing the file: stop rather than hold it all.
-MAX_ROW_BYTES = 64 << 20
 
-_QUOTE, _LF, _CR = ord('"'), ord("\n"), ord("\r")
-_OPEN_BRACE, _CLOSE_BRACE = ord("{"), ord("}")
 _CSV_COLUMN_ERROR = re.compile(r"In CSV column #(\d+)")
 _JSON_COLUMN_ERROR = re.compile(r"Column\(/([^)]*)\)")
-
-
-class TextFormatError(SchemaError):
-    """A text part whose rows cannot be cut exactly as pyarrow would read them."""
 
 
 class StaleIndexError(RuntimeError):
@@ -178,7 +153,7 @@ class TextPartIndex:
             raise ValueError(f"malformed text index: {err}") from err
 
 
-# ---------------------------------------------------------------------------------------------------------------- scan
+# ------------------------------------------------------------------------------------------------------------ identity
 
 
 def _file_identity(fs: Any, path: str) -> tuple[int, float | None, str | None]:
@@ -191,160 +166,6 @@ def _file_identity(fs: Any, path: str) -> tuple[int, float | None, str | None]:
         mtime = mtime.timestamp()
     etag = info.get("ETag", info.get("etag"))
     return int(info["size"]), (float(mtime) if mtime is not None else None), (str(etag) if etag is not None else None)
-
-
-def _open(fs: Any, path: str, input_format: str) -> BinaryIO:
-    return fs.open(path, "rb", compression="gzip" if input_format.endswith(".gz") else None)
-
-
-class _RowScanner:
-    """Streams a text part and yields the decompressed offsets of its row starts, chunk by chunk.
-
-    Each buffer handed to `_split` starts at a row start (quote state clean); the bytes after its last row end
-    are carried into the next buffer, so no state crosses a chunk boundary.
-    """
-
-    def __init__(self, url: str, jsonl: bool, delimiter: str) -> None:
-        self.url = url
-        self.jsonl = jsonl
-        self.delimiter = ord(delimiter)
-        self.total = 0
-        self.quoted_line_breaks = False
-
-    def rows(self, stream: BinaryIO) -> Iterator[tuple[np.ndarray, memoryview]]:
-        """(absolute row starts, the bytes of the complete rows) per buffer; `total` is the stream length after."""
-        base, tail = 0, b""
-        while True:
-            chunk = stream.read(CHUNK_BYTES)
-            final = not chunk
-            buf = tail + chunk if tail else chunk
-            if not buf:
-                break
-            starts, cut = self._split_jsonl(buf, final, base) if self.jsonl else self._split_csv(buf, final)
-            yield starts + base, memoryview(buf)[:cut]
-            base += cut
-            tail = buf[cut:]
-            if final:
-                break
-            if len(tail) > MAX_ROW_BYTES:
-                raise TextFormatError(
-                    f"{self.url}: no row end in {len(tail)} bytes from byte {base}; a quote opened at a field start "
-                    f"and never closed would make pyarrow read the rest of the file as one field"
-                )
-        self.total = base
-
-    @staticmethod
-    def _segments(buf_len: int, ends: np.ndarray, final: bool) -> tuple[np.ndarray, np.ndarray, int]:
-        """Line segments [start, end) between the line ends `ends`; the unfinished last one only when `final`."""
-        starts = np.empty(len(ends), dtype=np.int64)
-        if len(ends):
-            starts[0] = 0
-            starts[1:] = ends[:-1] + 1
-        cut = int(ends[-1]) + 1 if len(ends) else 0
-        if final and cut < buf_len:
-            starts = np.append(starts, cut)
-            ends = np.append(ends, buf_len)
-            cut = buf_len
-        return starts, ends, cut
-
-    def _split_csv(self, buf: bytes, final: bool) -> tuple[np.ndarray, int]:
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        is_end = arr == _LF
-        if buf.find(b"\r") >= 0:
-            is_end |= arr == _CR
-        line_ends = np.flatnonzero(is_end)
-        if buf.find(b'"') >= 0:
-            quotes = np.flatnonzero(arr == _QUOTE)
-            if self._parity_is_exact(arr, quotes):
-                inside = (np.searchsorted(quotes, line_ends) & 1).astype(bool)
-            else:
-                inside = self._inside_quotes_exact(buf, quotes, line_ends, final)
-            if inside.any():
-                outside = line_ends[~inside]
-                cut = int(outside[-1]) + 1 if len(outside) else 0
-                # a line break in a quoted field of a complete row (the carried tail is scanned again)
-                if final or inside[line_ends < cut].any():
-                    self.quoted_line_breaks = True
-                line_ends = outside
-        starts, ends, cut = self._segments(len(arr), line_ends, final)
-        return starts[ends > starts], cut
-
-    def _parity_is_exact(self, arr: np.ndarray, quotes: np.ndarray) -> bool:
-        """Whether toggling on every quote gives pyarrow's quoting.
-
-        True when every even-numbered quote opens a field (at a field start, or right after a quote: a doubled
-        `""`) and every odd-numbered one closes it (before a delimiter, a line end, a quote, or on the buffer's last
-        byte: the end of the file, or a tail that is scanned again).
-        """
-        n = len(arr)
-        separators = np.array([self.delimiter, _LF, _CR, _QUOTE], dtype=np.uint8)
-        openers, closers = quotes[0::2], quotes[1::2]
-        before = arr[np.maximum(openers - 1, 0)]
-        if not ((openers == 0) | np.isin(before, separators)).all():
-            return False
-        after = arr[np.minimum(closers + 1, n - 1)]
-        return bool(((closers == n - 1) | np.isin(after, separators)).all())
-
-    def _inside_quotes_exact(self, buf: bytes, quotes: np.ndarray, line_ends: np.ndarray, final: bool) -> np.ndarray:
-        """pyarrow's quoting state machine, walked quote by quote (only chunks with a literal quote come here).
-
-        A quote opens a quoted field only at a field start; inside, `""` is a literal quote and a single `"` closes
-        it (the field then continues unquoted, where quotes are literal). A field still open at the end of the
-        buffer runs past it: the whole row stays in the tail and is scanned again with more bytes.
-        """
-        n = len(buf)
-        positions = quotes.tolist()
-        count = len(positions)
-        span_starts: list[int] = []
-        span_ends: list[int] = []
-        i = 0
-        while i < count:
-            p = positions[i]
-            if p == 0 or buf[p - 1] in (self.delimiter, _LF, _CR):
-                j = i + 1
-                while j + 1 < count and positions[j + 1] == positions[j] + 1:
-                    j += 2  # `""` inside a quoted field: a literal quote
-                close = positions[j] if j < count else n
-                if close == n - 1 and not final:
-                    close = n  # the next buffer may start with `"`, making this a doubled quote: undecided
-                span_starts.append(p)
-                span_ends.append(close)
-                i = j + 1
-            else:
-                i += 1  # a literal quote inside an unquoted field
-        if not span_starts:
-            return np.zeros(len(line_ends), dtype=bool)
-        s = np.asarray(span_starts, dtype=np.int64)
-        e = np.asarray(span_ends, dtype=np.int64)
-        k = np.searchsorted(s, line_ends) - 1
-        return (k >= 0) & (line_ends < e[np.maximum(k, 0)])
-
-    def _split_jsonl(self, buf: bytes, final: bool, base: int) -> tuple[np.ndarray, int]:
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        is_end = arr == _LF
-        if buf.find(b"\r") >= 0:
-            is_end |= arr == _CR  # JSON strings cannot hold a raw CR or LF, so both end a line
-        starts, ends, cut = self._segments(len(arr), np.flatnonzero(is_end), final)
-        nonempty = ends > starts
-        starts, ends = starts[nonempty], ends[nonempty]
-        if not len(starts):
-            return starts, cut
-        whole = (arr[starts] == _OPEN_BRACE) & (arr[ends - 1] == _CLOSE_BRACE)
-        if whole.all():
-            return starts, cut
-        keep = whole.copy()
-        for i in np.flatnonzero(~whole).tolist():
-            line = buf[starts[i] : ends[i]].strip(b" \t")
-            if not line:
-                continue  # a blank line: pyarrow skips it
-            if line[:1] == b"{" and line[-1:] == b"}":
-                keep[i] = True
-                continue
-            raise TextFormatError(
-                f"{self.url}: the line at byte {base + int(starts[i])} is not one whole JSON object "
-                f"({bytes(line[:60])!r}…); jsonl needs one object per line to be cut into shards"
-            )
-        return starts[keep], cut
 
 
 # ---------------------------------------------------------------------------------------------------------- inference
@@ -384,7 +205,7 @@ def _infer_schema(
 def index_text_part(
     url: str, input_format: str, samples_per_shard: int, *, column_names: Sequence[str] | None = None
 ) -> TextPartIndex:
-    """Scan the part once, streaming in chunks of CHUNK_BYTES, and return where each shard's rows start.
+    """Scan the part once (`RowScanner`, streaming in chunks of CHUNK_BYTES), and return where each shard's rows start.
 
     `column_names` is for a part without a header line (its first line is then data). An empty part, or one
     with only a header, indexes as 0 rows and 0 shards.
@@ -401,13 +222,13 @@ def index_text_part(
     fs, path = filesystem(url)
     identity = _file_identity(fs, path)
 
-    scanner = _RowScanner(url, jsonl, delimiter)
+    scanner = RowScanner(url, jsonl, delimiter, CHUNK_BYTES)  # read here at call time: one knob for scan and read
     offsets: list[int] = []
     num_rows = 0
     header_pending = header
     sample_parts: list[bytes] = []
     sample_end: int | None = None
-    with _open(fs, path, input_format) as stream:
+    with open_stream(fs, path, input_format) as stream:
         for starts, rows_bytes in scanner.rows(stream):
             if sample_end is None:
                 sample_parts.append(bytes(rows_bytes))
@@ -507,7 +328,7 @@ def load_or_build_index(
 def _read_range(fs: Any, path: str, index: TextPartIndex, start: int, stop: int) -> bytes:
     if not index.gzipped:
         return fs.cat_file(path, start=start, end=stop)
-    with _open(fs, path, index.input_format) as stream:
+    with open_stream(fs, path, index.input_format) as stream:
         skip = start
         while skip > 0:
             got = len(stream.read(min(skip, CHUNK_BYTES)))
