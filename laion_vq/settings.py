@@ -124,7 +124,7 @@ def _parse_bool(env: str, text: str) -> bool:
 
 STORAGE: Setting[str] = Setting("LAION_VQ_STORAGE", "./data", "storage root: a local path or an s3:// URI")
 METADATA: Setting[str] = Setting(
-    "LAION_VQ_METADATA", "./data/laion-metadata", "LAION metadata: a parquet file, a folder of parts or a glob"
+    "LAION_VQ_METADATA", "./data/laion-metadata", "the metadata: a file, a folder of parts (*.<format>) or a glob"
 )
 METADATA_FORMAT: Setting[MetadataFormat] = Setting(
     "LAION_VQ_METADATA_FORMAT",
