@@ -55,6 +55,22 @@ def _no_leaked_defs_state_storage():
     yield
 
 
+@pytest.fixture()
+def s3():
+    """A bucket `s3://laion` on moto's S3 server (`laion_vq.testing.aws`), reached as s3fs reaches AWS."""
+    pytest.importorskip("moto.server")
+    import boto3
+    import fsspec
+
+    from laion_vq.testing.aws import moto_aws
+
+    with moto_aws():
+        fsspec.filesystem("s3").clear_instance_cache()
+        boto3.client("s3").create_bucket(Bucket="laion")
+        yield "s3://laion"
+        fsspec.filesystem("s3").clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def image_server():
     from laion_vq.testing.image_server import ImageServer

@@ -12,7 +12,6 @@ import dagster as dg
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
@@ -25,28 +24,6 @@ from laion_vq.testing.synthetic_metadata import laion_table
 from .conftest import TINY_MODEL
 
 SAMPLES = 8
-
-
-@pytest.fixture()
-def s3(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server._server.server_address[1]
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    fsspec.filesystem("s3").clear_instance_cache()
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="laion")
-    yield "s3://laion"
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
 
 
 def test_two_shards_end_to_end_on_s3(s3, image_server, tiny_checkpoint):

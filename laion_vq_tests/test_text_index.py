@@ -363,29 +363,6 @@ def test_numbering_matches_img2dataset_reader_on_tsv(tmp_path):
         assert ours.column("TEXT").to_pylist() == table.column("caption").to_pylist()
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1, reached through AWS_ENDPOINT_URL as s3fs would reach AWS."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server._server.server_address[1]
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    fsspec.filesystem("s3").clear_instance_cache()
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="laion")
-    yield "s3://laion"
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
-
-
 @pytest.mark.parametrize("input_format", ["tsv", "tsv.gz"])
 def test_part_and_index_on_s3(s3, input_format):
     """The part and its index on S3: ranged reads, the ETag as identity, rebuilt when the object is replaced."""
