@@ -20,6 +20,10 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 # partition only through it.
 from dagster._core.event_api import PartitionKeyFilter
 
+# How a run whose worker died is failed (recover_dead_runs): the reason Dagster itself gives such runs
+# (`UNEXPECTED_TERMINATION`, a run tag the UI shows and run retries read); `report_run_failed` takes it only in this type.
+from dagster._core.events import JobFailureData, RunFailureReason
+
 # A backfill's state (feeding stops when its backfill is no longer REQUESTED); no public API reads it.
 from dagster._core.execution.backfill import BulkActionStatus
 
@@ -45,6 +49,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,  # "dagster/asset_partition_range_start": first partition of the range
     BACKFILL_ID_TAG,  # "dagster/backfill": the backfill that created a run (feeding)
     GRPC_INFO_TAG,  # ".dagster/grpc_info": on runs a run launcher started (recover_dead_runs)
+    MAX_RUNTIME_SECONDS_TAG,  # "dagster/max_runtime": a run's own limit for run monitoring (feeding hands over)
     PARTITION_NAME_TAG,  # "dagster/partition": a single-partition run's partition
 )
 
@@ -54,6 +59,8 @@ __all__ = [
     "BACKFILL_ID_TAG",
     "FINISHED_STATUSES",
     "GRPC_INFO_TAG",
+    "JobFailureData",
+    "MAX_RUNTIME_SECONDS_TAG",
     "PARTITION_NAME_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
@@ -62,6 +69,7 @@ __all__ = [
     "PartitionKeyFilter",
     "ResumeRunContext",
     "RetryMode",
+    "RunFailureReason",
     "SqliteRunStorage",
     "UnresolvedAssetJobDefinition",
 ]

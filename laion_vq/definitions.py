@@ -9,6 +9,7 @@ import dagster as dg
 from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
 from laion_vq.defs.automation import shard_automation
 from laion_vq.defs.checks import SHARD_CHECKS
+from laion_vq.defs.dead_runs import dead_run_watch
 from laion_vq.defs.jobs import check_job, download_job, encode_job, pipeline_job, report_job
 from laion_vq.defs.removals import apply_removals, removal_lists, removal_lists_sensor
 from laion_vq.defs.resources import default_resources
@@ -25,7 +26,7 @@ def build_definitions(executor: dg.ExecutorDefinition) -> dg.Definitions:
         asset_checks=SHARD_CHECKS,
         jobs=[download_job, encode_job, pipeline_job, check_job, report_job, apply_removals],
         schedules=[nightly_audit(check_job), download_missing_shards(download_job), daily_report(report_job)],
-        sensors=[shard_automation, removal_lists_sensor],
+        sensors=[shard_automation, removal_lists_sensor, dead_run_watch],
         resources=default_resources(),
         executor=executor,
     )

@@ -287,6 +287,14 @@ ENCODE_FEED_IDLE_SECONDS: Setting[float] = Setting(
 ENCODE_FEED_POLL_SECONDS: Setting[float] = Setting(
     "LAION_VQ_ENCODE_FEED_POLL_SECONDS", 2.0, "how often a fed encoder run looks for newly landed tars", float
 )
+ENCODE_FEED_HANDOVER: Setting[float] = Setting(
+    "LAION_VQ_ENCODE_FEED_HANDOVER",
+    0.75,
+    "a fed encoder run takes no new shard once it has run this share of its maximum runtime (run monitoring's "
+    "`max_runtime_seconds` or its `dagster/max_runtime` tag) and ends, handing the rest to a fresh run of its "
+    "backfill, rather than being failed by run monitoring",
+    float,
+)
 
 CELERY_BROKER: Setting[str | None] = Setting(
     "LAION_VQ_CELERY_BROKER",
@@ -336,6 +344,7 @@ ALL_SETTINGS = (
     ENCODE_FEED,
     ENCODE_FEED_IDLE_SECONDS,
     ENCODE_FEED_POLL_SECONDS,
+    ENCODE_FEED_HANDOVER,
     SCHEDULE_SHARDS_PER_TICK,
     SCHEDULE_MAX_FAILURES,
     CELERY_BROKER,

@@ -107,6 +107,7 @@ def _record_each(
         excluded=set(excluded),
         poll_seconds=settings.ENCODE_FEED_POLL_SECONDS.get_float(),
         idle_seconds=settings.ENCODE_FEED_IDLE_SECONDS.get_float(),
+        handover=settings.ENCODE_FEED_HANDOVER.get_float(),
         log=context.log.info,
     )
     checks = InlineCodeChecks(context.instance, run.layout, run.codes_folder, run.spec.grid, run.spec.n_embed)

@@ -11,6 +11,13 @@ it visibly, as before.
 
 What the backfill sees: it counts a partition materialized by any run carrying its tag, so it never requests a
 fed partition again, and a cancelled run whose partitions were all encoded is no failure.
+
+A fed run lives as long as its backfill's downloads (days at 10,000 shards), but run monitoring fails any run
+older than its maximum runtime (`max_runtime_seconds`, 12 h, or the run's `dagster/max_runtime` tag), and
+RabbitMQ's `consumer_timeout` ends a Celery step at the same age. So feeding hands over: past
+`handover` × that limit the run takes no new shard, ends successfully, and the backfill's next encoder run
+(already queued for the shards that landed, or requested at the next tick) loads the model and is fed in turn.
+One model load per 9 h instead of a red FAILURE and a retry that `run_retries` allows only twice.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from laion_vq.dagster_internals import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     BACKFILL_ID_TAG,
+    MAX_RUNTIME_SECONDS_TAG,
     PARTITION_NAME_TAG,
     BulkActionStatus,
 )
@@ -65,6 +73,7 @@ class BackfillFeed:
         excluded: set[str],
         poll_seconds: float = 2.0,
         idle_seconds: float = 900.0,
+        handover: float = 0.75,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.instance = context.instance
@@ -90,6 +99,9 @@ class BackfillFeed:
         self._backfill_read_at = 0.0
         self.fed: list[str] = []
         self.cancelled_runs: list[str] = []
+        self.handover_share = handover
+        self.max_runtime, self.handover_at = handover_time(self.instance, self.run_id, handover)
+        self.handed_over = False
         self.refresh()
 
     # -- what the instance says -------------------------------------------------------------------------------
@@ -200,6 +212,14 @@ class BackfillFeed:
             pending = self._pending()
             if not self._target or not self._backfill_live or not pending:
                 return
+            if self.handover_at is not None and time.time() >= self.handover_at:
+                self.handed_over = True
+                self.log(
+                    f"feeding: handing over to a fresh encoder run of backfill {self.backfill_id} with "
+                    f"{len(pending)} shard(s) still to come: this run has run {self.handover_share:.0%} of its "
+                    f"maximum runtime ({self.max_runtime:.0f} s, after which run monitoring would fail it)"
+                )
+                return
             if not announced:
                 self.log(f"feeding: {len(pending)} shard(s) of backfill {self.backfill_id} may still come")
                 self.instance.add_run_tags(self.run_id, {FED_TAG: "takes the backfill's shards as their tars land"})
@@ -243,6 +263,28 @@ class BackfillFeed:
             self.log(f"cancelled {len(cancelled)} queued encoder run(s) whose shards this run encoded: {cancelled}")
         self.cancelled_runs += cancelled
         return cancelled
+
+
+def max_runtime(instance: dg.DagsterInstance, tags: dict[str, str]) -> float | None:
+    """The age at which run monitoring fails a run (seconds), as its daemon reads it; None: never."""
+    if not instance.run_monitoring_enabled:
+        return None
+    value = tags.get(MAX_RUNTIME_SECONDS_TAG, tags.get("dagster/max_runtime_seconds"))
+    try:
+        limit = float(value) if value else float(instance.run_monitoring_max_runtime_seconds or 0)
+    except ValueError:
+        return None
+    return limit or None
+
+
+def handover_time(instance: dg.DagsterInstance, run_id: str, share: float) -> tuple[float, float | None]:
+    """The run's maximum runtime (0: none) and when (epoch seconds) a fed run stops taking shards: `share` of
+    it after the run started; None: never."""
+    record = instance.get_run_record_by_id(run_id)
+    limit = max_runtime(instance, dict(record.dagster_run.tags)) if record else None
+    if record is None or limit is None or not 0 < share < 1:
+        return 0.0, None
+    return limit, (record.start_time or time.time()) + share * limit
 
 
 def run_partition_keys(tags: dict[str, str]) -> list[str]:

@@ -22,6 +22,11 @@ Which runs it may judge: runs that no run launcher started (shell runs), and on 
 instance — one machine by construction — launched runs too. On a shared (PostgreSQL) instance launched
 runs may live on other machines and are run monitoring's; name one with `--run-id` to fail it anyway.
 Run it on the machine that ran the shell command: a pid is only meaningful there.
+
+Where the daemon runs, nobody types this: the `dead_run_watch` sensor (`laion_vq/defs/dead_runs.py`) calls
+`find_dead_runs` from the daemon's code server — the process that started the default
+run launcher's workers, so their pids are this machine's — and `recover` on the runs found dead twice in a
+row; run retries then start them again.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from laion_vq.dagster_internals import (
     FINISHED_STATUSES,
     GRPC_INFO_TAG,
     PARTITION_NAME_TAG,
+    JobFailureData,
+    RunFailureReason,
     SqliteRunStorage,
 )
 
@@ -129,23 +136,50 @@ def held_slots(instance: dg.DagsterInstance) -> dict[str, list[str]]:
     return held
 
 
-def _message(item: Recovered) -> str:
+def _message(item: Recovered, by: str) -> str:
     pids = ", ".join(str(p) for p in item.pids) or "unknown"
     slots = ", ".join(item.slots) or "none"
+    if by == COMMAND:
+        whom = f"nothing was watching this run. Marked failed by `{COMMAND}`"
+        then = f"Partitions {item.partitions} are not done: materialize them again."
+    else:
+        whom = f"it never reported its end. Marked failed by {by}"
+        then = (
+            f"Partitions {item.partitions} are not done: run retries start the run again (what it recorded "
+            "stays recorded)."
+        )
     return (
         f"Run worker gone: process {pids} on {socket.gethostname()} no longer exists (it was killed — SIGKILL, "
-        f"the OOM killer, a closed shell — or its machine went away) and nothing was watching this run. Marked "
-        f"failed by `{COMMAND}`, which freed its pool slots ({slots}). Partitions {item.partitions} are not "
-        f"done: materialize them again."
+        f"the OOM killer, a closed shell, a restarted daemon or service — or its machine went away) and {whom}, "
+        f"which freed its pool slots ({slots}). {then}"
     )
+
+
+def find_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Runs the default run launcher started whose every recorded worker pid is gone; only reads. Call it
+    where that launcher starts workers (the daemon's code server, see the module): their pids are this
+    machine's. Shell runs are judged only on a one-machine (SQLite) instance: elsewhere they may run on
+    another machine, and are `recover`'s, on that machine."""
+    single_machine = isinstance(instance.run_storage, SqliteRunStorage)
+    dead = []
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=WORKER_STATUSES)):
+        run = record.dagster_run
+        if GRPC_INFO_TAG not in run.tags and not single_machine:
+            continue
+        pids = worker_pids(instance, run.run_id)
+        if pids and not any(process_alive(pid, seen) for pid, seen in pids.items()):
+            dead.append(run.run_id)
+    return dead
 
 
 def recover(
     instance: dg.DagsterInstance,
     run_ids: Iterable[str] = (),
     dry_run: bool = False,
+    by: str = COMMAND,
 ) -> list[Recovered]:
-    """Fail the dead runs (all judged ones, or only `run_ids`) and free their slots; returns what it did."""
+    """Fail the dead runs (all judged ones, or only `run_ids`) and free their slots; returns what it did.
+    `by` names who did it in the run's failure message (this command, or the sensor)."""
     storage = instance.event_log_storage
     named = list(run_ids)
     single_machine = isinstance(instance.run_storage, SqliteRunStorage)
@@ -178,7 +212,14 @@ def recover(
             continue
         item.slots = held.pop(run.run_id, [])
         if not dry_run:
-            instance.report_run_failed(run, _message(item))
+            current = instance.get_run_by_id(run.run_id)  # it may have ended since it was read
+            if current is None or current.is_finished:
+                item.skipped = f"already {current.status.value}" if current else "deleted"
+                if named:
+                    done.append(item)
+                continue
+            failure = JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION)
+            instance.report_run_failed(run, _message(item, by), job_failure_data=failure)
             if storage.supports_global_concurrency_limits:
                 storage.free_concurrency_slots_for_run(run.run_id)
         item.marked_failed = True
