@@ -21,7 +21,8 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 from dagster._core.event_api import PartitionKeyFilter
 
 # How a run whose worker died is failed (recover_dead_runs): the reason Dagster itself gives such runs
-# (`UNEXPECTED_TERMINATION`, a run tag the UI shows and run retries read); `report_run_failed` takes it only in this type.
+# (`UNEXPECTED_TERMINATION`, a run tag the UI shows and run retries read); `report_run_failed` takes it only
+# in this type.
 from dagster._core.events import JobFailureData, RunFailureReason
 
 # A backfill's state (feeding stops when its backfill is no longer REQUESTED); no public API reads it.

@@ -123,6 +123,33 @@ def _parse_bool(env: str, text: str) -> bool:
 
 
 STORAGE: Setting[str] = Setting("LAION_VQ_STORAGE", "./data", "storage root: a local path or an s3:// URI")
+#: How every S3 client of the platform (s3fs, and polars' object store for the removal scan) rides out faults:
+#: botocore's retry policy, set in one place (`laion_vq.shards.storage.s3_client_config`).
+S3RetryMode = Literal["standard", "adaptive"]
+S3_RETRY_MODE: Setting[S3RetryMode | None] = Setting(
+    "LAION_VQ_S3_RETRY_MODE",
+    None,
+    "botocore retry mode of every S3 request: standard (exponential backoff with full jitter on 500/503/"
+    "throttling/connection errors and timeouts) or adaptive (standard, plus client-side rate limiting once S3 "
+    "throttles); unset: AWS_RETRY_MODE when that is set, else standard",
+    choices=get_args(S3RetryMode),
+)
+S3_MAX_ATTEMPTS: Setting[int | None] = Setting(
+    "LAION_VQ_S3_MAX_ATTEMPTS",
+    None,
+    "attempts per S3 request, the first included (botocore's total_max_attempts); unset: AWS_MAX_ATTEMPTS when "
+    "that is set, else 10",
+    int,
+)
+S3_CONNECT_TIMEOUT: Setting[float] = Setting(
+    "LAION_VQ_S3_CONNECT_TIMEOUT", 5.0, "seconds to open a connection to S3 (per attempt)", float
+)
+S3_READ_TIMEOUT: Setting[float] = Setting(
+    "LAION_VQ_S3_READ_TIMEOUT",
+    30.0,
+    "seconds an S3 request may wait for the next bytes of its answer before the attempt counts as failed (per attempt)",
+    float,
+)
 METADATA: Setting[str] = Setting(
     "LAION_VQ_METADATA", "./data/laion-metadata", "the metadata: a file, a folder of parts (*.<format>) or a glob"
 )
@@ -307,6 +334,10 @@ CELERY_QUEUE_PREFIX: Setting[str] = Setting(
 
 ALL_SETTINGS = (
     STORAGE,
+    S3_RETRY_MODE,
+    S3_MAX_ATTEMPTS,
+    S3_CONNECT_TIMEOUT,
+    S3_READ_TIMEOUT,
     METADATA,
     METADATA_FORMAT,
     URL_COLUMN,

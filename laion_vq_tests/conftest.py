@@ -180,6 +180,11 @@ SERVICE_FIXTURES: dict[str, tuple[str, ...]] = {
 SERVICE_TESTS: dict[str, tuple[str, ...]] = {
     # postgres_database() and dagster_services(): the daemon and the webserver on PostgreSQL
     "test_instance_ops.py::test_daemon_fails_killed_run_frees_its_slot_and_retries_it": ("postgresql", "dagster"),
+    # laion_vq.testing.pg_cluster: a throwaway cluster the test starts and crashes itself (PostgreSQL's server
+    # binaries and, as root, the `postgres` OS user; never the server on 5432); "pg_cluster" has no probe: a missing
+    # binary fails the test naming the package
+    "test_fault_postgres.py::test_instance_survives_a_postgres_crash_and_a_short_outage": ("pg_cluster",),  # 6
+    "test_fault_postgres.py::test_backfill_survives_postgres_down_for_ten_seconds": ("pg_cluster", "dagster"),  # 110
 }
 # parametrized fixtures whose parameter picks a service: (fixture, parameter) -> services
 SERVICE_PARAMS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -197,7 +202,9 @@ SLOW: set[str] = {
     "test_instance_ops.py::test_killed_shell_run_is_failed_and_its_slot_freed_by_the_one_line_recovery",  # 65
     "test_stage_redownload.py::test_sigkill_mid_shard_leaves_nothing_partial_and_a_rerun_completes",  # 11
     "test_removals_core.py::test_sigkill_mid_application_then_a_rerun_converges",  # 2
+    "test_fault_disk_full.py::test_download_stage_on_a_full_storage_disk_then_after_space_is_freed",  # 2 (3 downloads)
     "test_removals_core.py::test_plan_and_apply_on_s3",  # a moto server 3
+    "test_storage_faults.py",  # moto behind the fault proxy, botocore's backoff through each burst: 45-51 in all
     "test_jpeg_decode.py::test_process_pool_matches_threads",  # 5
     # torch.compile, and the tiny encoder over many batch sizes
     "test_encode_engine.py::test_fast_mode_compiles_once_per_machine",  # 257

@@ -67,6 +67,7 @@ from laion_vq.download.shard_files import (
 )
 from laion_vq.shards.numbering import SHARD_DIGITS
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
+from laion_vq.shards.storage import DISK_FULL_ERRNOS, disk_full_as_error
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
 # by img2dataset.logger but never initialised by this module. Keep both offline and quiet.
@@ -251,46 +252,51 @@ def download_shard(
     outputs = (tar_path, parquet_path, stats_path)
     _remove(outputs)  # stale files from an earlier attempt must not pass for this attempt's output
 
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"laion_vq_shard_{name}_") as tmp:
-            # Same file the Reader would write: an Arrow IPC file of exactly `column_list`, renamed.
-            feather_path = os.path.join(tmp, f"{shard_id}.feather")
-            to_download = table.take(pa.array(kept, pa.int64())) if len(kept) < table.num_rows else table
-            with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(to_download)
-            digests: dict[str, str] = {}
-            removed: dict[str, str] = {}  # key → reason, filled by the writer for images dropped by hash
-            downloader = _build_downloader(
-                output_dir,
-                column_list,
-                samples_per_shard,
-                shard_digits,
-                options,
-                _WriterState(digests, key_of, removed),
-                listed_hashes,
-                hash_type if hash_col else None,
-            )
-            # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
-            downloader.download_shard((shard_id, feather_path))
+    # a full scratch filesystem is named as such (not a shard "missing rows"), once the partial outputs are gone
+    with disk_full_as_error(tar_path):
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"laion_vq_shard_{name}_") as tmp:
+                # Same file the Reader would write: an Arrow IPC file of exactly `column_list`, renamed.
+                feather_path = os.path.join(tmp, f"{shard_id}.feather")
+                to_download = table.take(pa.array(kept, pa.int64())) if len(kept) < table.num_rows else table
+                with pa.OSFile(feather_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(to_download)
+                digests: dict[str, str] = {}
+                removed: dict[str, str] = {}  # key → reason, filled by the writer for images dropped by hash
+                writer_state = _WriterState(digests, key_of, removed)
+                downloader = _build_downloader(
+                    output_dir,
+                    column_list,
+                    samples_per_shard,
+                    shard_digits,
+                    options,
+                    writer_state,
+                    listed_hashes,
+                    hash_type if hash_col else None,
+                )
+                # Not `downloader(...)`: Downloader.__call__ prints and swallows exceptions.
+                downloader.download_shard((shard_id, feather_path))
+                if writer_state.write_error is not None:  # img2dataset swallowed it, sample by sample
+                    raise writer_state.write_error
 
-        def keyed(indices: list[int]) -> pa.Table:
-            return table.take(pa.array(indices, pa.int64())).append_column(
-                "key", pa.array([keys[i] for i in indices], pa.string())
-            )
+            def keyed(indices: list[int]) -> pa.Table:
+                return table.take(pa.array(indices, pa.int64())).append_column(
+                    "key", pa.array([keys[i] for i in indices], pa.string())
+                )
 
-        merge_removed(parquet_path, stats_path, keyed(sorted(withheld)), keyed(sorted(filtered)))
-        removed.update({keys[i]: reason for i, reason in withheld.items()})
-        if aside.num_columns:
-            attach_columns(parquet_path, aside.append_column("key", pa.array(keys, pa.string())))
-        stats = verify_shard_files(
-            tar_path, parquet_path, stats_path, shard_id, set(keys), options.encode_format, set(digests)
-        )
-        failures_by_reason, failure_examples = annotate_status(
-            parquet_path, stats_path, digests, removed=removed, filtered={keys[i]: p for i, p in filtered.items()}
-        )
-    except BaseException:
-        _remove(outputs)
-        raise
+            merge_removed(parquet_path, stats_path, keyed(sorted(withheld)), keyed(sorted(filtered)))
+            removed.update({keys[i]: reason for i, reason in withheld.items()})
+            if aside.num_columns:
+                attach_columns(parquet_path, aside.append_column("key", pa.array(keys, pa.string())))
+            stats = verify_shard_files(
+                tar_path, parquet_path, stats_path, shard_id, set(keys), options.encode_format, set(digests)
+            )
+            failures_by_reason, failure_examples = annotate_status(
+                parquet_path, stats_path, digests, removed=removed, filtered={keys[i]: p for i, p in filtered.items()}
+            )
+        except BaseException:
+            _remove(outputs)
+            raise
 
     return ShardDownloadResult(
         shard_id=shard_id,
@@ -549,6 +555,9 @@ class _WriterState:
     digests: dict[str, str]
     keys: Mapping[str, str] = field(default_factory=dict)
     removed: dict[str, str] = field(default_factory=dict)
+    #: the first full-disk error a write met: img2dataset catches a sample's write error, prints it and goes on
+    #: with the next sample, so without it a full scratch disk would end as a shard "missing rows"
+    write_error: OSError | None = None
 
 
 @functools.cache
@@ -574,7 +583,12 @@ def _hashing_writer_class() -> type:
                 self.state.removed[key] = message.reason
             if img_str is not None:
                 self.state.digests[key] = hashlib.sha256(img_str).hexdigest()
-            super().write(img_str, key, caption, meta)
+            try:
+                super().write(img_str, key, caption, meta)
+            except OSError as err:
+                if err.errno in DISK_FULL_ERRNOS and self.state.write_error is None:
+                    self.state.write_error = err
+                raise
 
     return HashingWebDatasetSampleWriter
 

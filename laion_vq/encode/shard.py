@@ -4,6 +4,7 @@ gathers while batches encode, and how it is published (reconciled, contract-chec
 from __future__ import annotations
 
 import io
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 from laion_vq import settings
 from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.codes import build_codes_table, check_codes_table, read_codes_provenance, write_codes_parquet
-from laion_vq.shards.storage import StorageLayout, exists, read_bytes, require_upstream, size
+from laion_vq.shards.storage import StorageLayout, disk_full_as_error, exists, read_bytes, require_upstream, size
 from laion_vq.shards.tar_reader import CorruptShardError
 
 #: why the samples a truncated tar no longer holds are missing (counted, listed, never silently dropped)
@@ -203,7 +204,10 @@ def publish_shard(acc: ShardAccumulator, spec: CodeSpec, tar_error: str | None, 
         # the exact histogram (~19 KB packed for 10,000 images), for the report's codebook usage over all shards
         **({"code_usage": pack_code_usage(report.usage)} if report.usage is not None else {}),
     }
-    nbytes = write_codes_parquet(table, acc.dest, file_meta)
+    # the parquet is written to a local temp file first (tempfile's folder), then published: a full disk on either
+    # side is a DiskFullError naming the shard's parquet, not a bare "[Errno 28]" from pyarrow
+    with disk_full_as_error(acc.dest, staging=tempfile.gettempdir()):
+        nbytes = write_codes_parquet(table, acc.dest, file_meta)
     samples = np.stack(acc.samples) if acc.samples else None
     return CodeShardResult(
         shard_id=acc.shard_id,

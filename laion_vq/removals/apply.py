@@ -39,7 +39,17 @@ from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.codes import write_codes_parquet
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.schema import FILTERED_STATUS as FILTERED
-from laion_vq.shards.storage import StorageLayout, exists, filesystem, is_local, publish_bytes, publish_file, read_bytes
+from laion_vq.shards.storage import (
+    StorageLayout,
+    disk_full_as_error,
+    exists,
+    filesystem,
+    is_local,
+    publish_bytes,
+    publish_file,
+    read_bytes,
+    require_free_space,
+)
 
 #: Status columns cleared on a removed row: they could lead back to the removed content.
 CLEARED_COLUMNS = ("caption", "error_message", "exif")
@@ -86,7 +96,8 @@ def remove_code_rows(url: str, keys: set[str]) -> set[str]:
     meta = json.loads(raw)
     if "code_usage" in meta:
         meta["code_usage"] = _code_usage(kept, int(meta["n_embed"]))
-    write_codes_parquet(kept, url, meta)
+    with disk_full_as_error(url, staging=tempfile.gettempdir()):  # through a local temp parquet, then published
+        write_codes_parquet(kept, url, meta)
     return found
 
 
@@ -157,7 +168,10 @@ def remove_tar_samples(url: str, keys: set[str]) -> set[str]:
         else:
             source = os.path.join(scratch, "source.tar")
             fs, path = filesystem(url)
-            fs.get_file(path, source)
+            remote_bytes = int(fs.size(path))
+            with disk_full_as_error(source, remote_bytes):  # the scratch copy of a remote tar
+                require_free_space(source, remote_bytes)
+                fs.get_file(path, source)
         with open(source, "rb") as src:
             members = list(tar_members(src, url))
         cuts = [(start, end) for key, start, end in members if key in keys]
@@ -165,12 +179,20 @@ def remove_tar_samples(url: str, keys: set[str]) -> set[str]:
         if not found:
             return found
         output = os.path.join(scratch, "rewritten.tar")
-        with open(source, "rb") as src, open(output, "wb") as dst:
-            position = 0
-            for start, stop in cuts:
-                _copy(src, dst, position, start)
-                position = stop
-            _copy(src, dst, position, None)
+        needed = os.path.getsize(source) - sum(stop - start for start, stop in cuts)  # known before writing
+        with disk_full_as_error(output, needed):
+            require_free_space(output, needed)
+            try:
+                with open(source, "rb") as src, open(output, "wb") as dst:
+                    position = 0
+                    for start, stop in cuts:
+                        _copy(src, dst, position, start)
+                        position = stop
+                    _copy(src, dst, position, None)
+            except OSError:
+                if os.path.exists(output):  # gone before the error measures the free space
+                    os.unlink(output)
+                raise
         with open(output, "rb") as check:
             remaining = [key for key, _, _ in tar_members(check, output)]
         if len(remaining) != len(members) - len(cuts) or keys & set(remaining):

@@ -18,7 +18,7 @@ import polars as pl
 
 from laion_vq.removals.lists import IDENTIFIERS, RemovalItem, RemovalList, read_ledger, read_removal_lists
 from laion_vq.shards.schema import REMOVED_STATUS
-from laion_vq.shards.storage import StorageLayout, filesystem
+from laion_vq.shards.storage import StorageLayout, filesystem, s3_client_config
 
 #: The status parquet columns the plan reads, and their types.
 STATUS_SCHEMA = {
@@ -67,9 +67,10 @@ class RemovalPlan:
         return sum(len({m.key for m in matches}) for matches in self.shards.values())
 
 
-def storage_options(root: str) -> dict[str, str] | None:
+def storage_options(root: str) -> dict[str, str | int] | None:
     """polars' object-store options for an s3:// root, from s3fs's configuration and the AWS environment
-    (polars does not read fsspec's config); None for a local root."""
+    (polars does not read fsspec's config), with the platform's S3 retry attempts and connect timeout
+    (`s3_client_config`; object_store backs off with jitter itself); None for a local root."""
     fs, _ = filesystem(root)
     if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return None
@@ -92,7 +93,10 @@ def storage_options(root: str) -> dict[str, str] | None:
     options = {k: v for k, v in options.items() if v}
     if options.get("aws_endpoint_url", "").startswith("http://"):
         options["aws_allow_http"] = "true"
-    return options
+    config = s3_client_config()
+    polars: dict[str, str | int] = {**options, "max_retries": config.max_attempts - 1}  # after the first attempt
+    polars["connect_timeout"] = f"{round(config.connect_timeout * 1000)}ms"
+    return polars
 
 
 def _domain_pattern(domains: list[str]) -> str:

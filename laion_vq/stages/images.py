@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING
 
 from laion_vq import settings
 from laion_vq.removals.lists import RemovalList
-from laion_vq.shards.storage import StorageLayout, exists, publish_file, read_bytes, require_upstream
+from laion_vq.shards.storage import (
+    StorageLayout,
+    disk_full_as_error,
+    exists,
+    is_local,
+    publish_file,
+    read_bytes,
+    require_free_space,
+    require_upstream,
+)
 from laion_vq.stages.metadata import read_metadata_shard
 
 if TYPE_CHECKING:
@@ -204,6 +213,9 @@ def download_image_shard(
         removed_hashes = {**listed_hashes, **(removed_hashes or {})}
     start = time.perf_counter()
     with (
+        # a full scratch disk (tempfile.gettempdir()) says so: img2dataset's own writes are named by download_shard,
+        # this names the folder; the scratch folder is gone by the time the error is raised
+        disk_full_as_error(tempfile.gettempdir()),
         tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{shard_id:05d}_{os.getpid()}_") as scratch,
         _watch_scratch(scratch, shard_id, progress, progress_every),
     ):
@@ -244,6 +256,12 @@ def download_image_shard(
         if not replace_worse:
             requested = None if previous is None else (previous[0], previous[1] - previous[2])
             refuse_worse_download(shard_id, requested, summary, min_rate_ratio)
+        if is_local(layout.image_tar(shard_id)):
+            # all three or none: a tar published beside an old status parquet, for want of room for the parquet,
+            # would be refused by the encoder until the next download. The sum is enough: each old file stays
+            # until its new one has been renamed over it.
+            needed = sum(os.path.getsize(p) for p in (result.tar_path, result.parquet_path, result.stats_path))
+            require_free_space(layout.image_tar(shard_id), needed)
         summary.bytes_tar = publish_file(result.tar_path, layout.image_tar(shard_id))
         publish_file(result.parquet_path, layout.image_status(shard_id))
         publish_file(result.stats_path, layout.image_stats(shard_id))

@@ -54,9 +54,9 @@ def _local_copy(path: str | os.PathLike[str]) -> Iterator[str]:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         yield local
         return
-    import fsspec
+    from laion_vq.shards.storage import filesystem  # every S3 client gets the platform's retries and timeouts
 
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     if not fs.isfile(fs_path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     fd, tmp = tempfile.mkstemp(suffix=".ckpt", prefix="laion_vq_ckpt_")
@@ -290,9 +290,9 @@ def save_random_checkpoint(config: VQGANConfig, path: str | os.PathLike[str], se
             f.flush()
             os.fsync(f.fileno())
         if remote:
-            import fsspec
+            from laion_vq.shards.storage import filesystem
 
-            fs, fs_path = fsspec.core.url_to_fs(target)
+            fs, fs_path = filesystem(target)
             fs.put_file(tmp, fs_path)
             os.unlink(tmp)
         else:
