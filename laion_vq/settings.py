@@ -124,7 +124,7 @@ def _parse_bool(env: str, text: str) -> bool:
 
 STORAGE: Setting[str] = Setting("LAION_VQ_STORAGE", "./data", "storage root: a local path or an s3:// URI")
 #: How every S3 client of the platform (s3fs, and polars' object store for the removal scan) rides out faults:
-#: botocore's retry policy, set in one place (`laion_vq.shards.storage.s3_client_config`).
+#: botocore's retry policy, set in one place (`laion_vq.shards.object_store.s3_client_config`).
 S3RetryMode = Literal["standard", "adaptive"]
 S3_RETRY_MODE: Setting[S3RetryMode | None] = Setting(
     "LAION_VQ_S3_RETRY_MODE",

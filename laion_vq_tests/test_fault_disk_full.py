@@ -23,7 +23,8 @@ import pytest
 
 from laion_vq.download import DownloadOptions
 from laion_vq.shards import storage
-from laion_vq.shards.storage import TMP_MARKER, DiskFullError, StorageLayout, publish_bytes, publish_file
+from laion_vq.shards.disk_full import DiskFullError
+from laion_vq.shards.storage import TMP_MARKER, StorageLayout, publish_bytes, publish_file
 from laion_vq.stages import SCRATCH_PREFIX, download_image_shard
 from laion_vq.testing.image_server import ImageServer
 from laion_vq.testing.synthetic_metadata import laion_table

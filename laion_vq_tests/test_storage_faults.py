@@ -17,17 +17,8 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from laion_vq.shards.storage import (
-    StorageLayout,
-    StorageUnavailableError,
-    exists,
-    publish_bytes,
-    publish_file,
-    read_bytes,
-    s3_client_config,
-    s3_storage_options,
-    stored_shards,
-)
+from laion_vq.shards.object_store import StorageUnavailableError, s3_client_config, s3_storage_options
+from laion_vq.shards.storage import StorageLayout, exists, publish_bytes, publish_file, read_bytes, stored_shards
 from laion_vq.testing.storage_faults import StorageFaultProxy
 
 #: a short read timeout so a stalled answer costs about a second, and few attempts so a lasting fault ends soon

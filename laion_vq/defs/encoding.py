@@ -23,6 +23,7 @@ from laion_vq import settings
 from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, failed_with_error, latest_results
 from laion_vq.defs.feeding import BackfillFeed, backfill_of
 from laion_vq.defs.metadata_keys import excluded_metadata
+from laion_vq.shards.disk_full import DiskFullError
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError
 from laion_vq.stages.codes import CodeRun, CodeShardResult
@@ -98,6 +99,7 @@ def _record_each(
     """A backfill's run: each shard is recorded (materialization, then its two code checks) the moment it is
     published, so a killed run's retry skips what was done and the UI fills in shard by shard; fed, the run
     then takes the backfill's other shards as their tars land."""
+    from laion_vq.defs.assets._runs import resume_after_disk_full  # the assets package imports this module
     from laion_vq.defs.checks import InlineCodeChecks  # the checks module imports the assets
 
     feed = BackfillFeed(
@@ -121,6 +123,7 @@ def _record_each(
             for evaluation in checks.evaluations(key):
                 context.log_event(evaluation)
     failures: dict[str, str] = {}
+    disk_full: list[str] = []  # where: a fault only an operator can clear
     for key in keys:
         if key in already:
             continue
@@ -157,6 +160,8 @@ def _record_each(
             if isinstance(outcome, BaseException):
                 context.log.error(f"shard {key} failed: {type(outcome).__name__}: {outcome}")
                 failures[key] = f"{type(outcome).__name__}: {outcome}"
+                if isinstance(outcome, DiskFullError):
+                    disk_full.append(outcome.path)
                 feed.failed(key)
                 continue
             pending.append(recorder.submit(record, key, metadata(outcome)))
@@ -176,6 +181,7 @@ def _record_each(
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} shard(s) failed: "
-            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])
+            + (resume_after_disk_full(context, disk_full) if disk_full else ""),
             metadata={"failed_shards": dg.MetadataValue.json(failures)},
         )

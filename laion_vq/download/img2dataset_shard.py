@@ -65,9 +65,9 @@ from laion_vq.download.shard_files import (
     removed_by_reason,
     verify_shard_files,
 )
+from laion_vq.shards.disk_full import DISK_FULL_ERRNOS, disk_full_as_error
 from laion_vq.shards.numbering import SHARD_DIGITS
 from laion_vq.shards.schema import CAPTION_COLUMN, EXTRA_COLUMNS, URL_COLUMN
-from laion_vq.shards.storage import DISK_FULL_ERRNOS, disk_full_as_error
 
 # albumentations (an img2dataset dependency) checks PyPI for updates when imported; wandb is imported
 # by img2dataset.logger but never initialised by this module. Keep both offline and quiet.

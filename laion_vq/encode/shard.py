@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from laion_vq import settings
 from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.codes import build_codes_table, check_codes_table, read_codes_provenance, write_codes_parquet
-from laion_vq.shards.storage import StorageLayout, disk_full_as_error, exists, read_bytes, require_upstream, size
+from laion_vq.shards.disk_full import disk_full_as_error
+from laion_vq.shards.storage import StorageLayout, exists, read_bytes, require_upstream, size
 from laion_vq.shards.tar_reader import CorruptShardError
 
 #: why the samples a truncated tar no longer holds are missing (counted, listed, never silently dropped)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from laion_vq.removals.lists import IDENTIFIERS, RemovalItem, RemovalList, read_ledger, read_removal_lists
+from laion_vq.shards.object_store import s3_client_config
 from laion_vq.shards.schema import REMOVED_STATUS
-from laion_vq.shards.storage import StorageLayout, filesystem, s3_client_config
+from laion_vq.shards.storage import StorageLayout, filesystem
 
 #: The status parquet columns the plan reads, and their types.
 STATUS_SCHEMA = {

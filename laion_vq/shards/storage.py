@@ -20,20 +20,21 @@ leaves the old file or the new one, never a partial file under the final name.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from laion_vq.shards.disk_full import disk_full_as_error, require_free_space
 from laion_vq.shards.numbering import is_shard_key, shard_key
+from laion_vq.shards.object_store import is_s3, s3_storage_options, storage_faults_named
 
 TMP_MARKER = ".tmp-"
 
@@ -102,7 +103,7 @@ def stored_shards(directory: str, suffix: str) -> set[str]:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and in-filesystem path for a local path or URL. Every S3 filesystem of the platform
     is made here, with `s3_storage_options()`: the one retry policy and the timeouts."""
-    if _is_s3(url):
+    if is_s3(url):
         fs, path = fsspec.core.url_to_fs(url, **s3_storage_options())
         # botocore retries each request (backoff with jitter, attempts counted); s3fs's own retry loop around it
         # (5 tries, nested twice for a read) would multiply the attempts and the time a lasting fault takes
@@ -206,292 +207,3 @@ def require_upstream(url: str, upstream: str, read: bool = True) -> bytes:
     if not exists(url):
         raise FileNotFoundError(f"{url} does not exist: materialize {upstream} for this shard first")
     return read_bytes(url) if read else b""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A full disk (ENOSPC) or a used-up quota (EDQUOT), said clearly. Every local write of the platform (publishing,
-# the download scratch folder, the encoder's parquet, removal rewrites) runs inside `disk_full_as_error`: the one place
-# an OSError with either errno becomes a DiskFullError naming the file, the bytes it needed and the bytes free.
-# Writers clean up their temp files before the error leaves them, so the free bytes reported are what is really free.
-# ----------------------------------------------------------------------------------------------------------------------
-
-#: the errnos of "nothing more fits": the filesystem is full, or this user's quota is used up
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-CHECKED_BEFORE_WRITING = "checked before writing"
-
-
-def _bytes(n: int | None) -> str:
-    return "an unknown number of bytes" if n is None else f"{n:,} bytes ({n / 1e6:,.1f} MB)"
-
-
-class DiskFullError(OSError):
-    """A local write that did not fit: `path` (what was being written), `needed` (its bytes, None when not known
-    before writing), `free` (bytes free on that filesystem afterwards, `shutil.disk_usage`), `staging` and
-    `staging_free` (a local folder the bytes went through first, when it is another filesystem). An OSError with
-    the original errno, so code catching OSError still catches it; never retried blindly: space must be freed."""
-
-    def __init__(
-        self,
-        path: str,
-        needed: int | None,
-        free: int | None,
-        code: int = errno.ENOSPC,
-        detail: str = "",
-        staging: str | None = None,
-        staging_free: int | None = None,
-    ) -> None:
-        self.path, self.needed, self.free, self.detail = path, needed, free, detail
-        self.staging, self.staging_free = staging, staging_free
-        super().__init__(code, os.strerror(code), path)
-
-    def __reduce__(self) -> tuple:  # picklable across processes (Celery, multiprocessing) with its fields
-        fields = (self.path, self.needed, self.free, self.errno, self.detail, self.staging, self.staging_free)
-        return type(self), fields
-
-    def __str__(self) -> str:
-        what = "disk quota exceeded" if self.errno == errno.EDQUOT else "disk full"
-        free = "free space unknown" if self.free is None else f"{_bytes(self.free)} free on its filesystem"
-        through = ""
-        if self.staging is not None:
-            staged = "free space unknown" if self.staging_free is None else f"{_bytes(self.staging_free)} free"
-            through = f"; written first under {self.staging}: {staged} there"
-        quota = " (a quota can be lower than the free space)" if self.errno == errno.EDQUOT else ""
-        cause = f" [{self.detail}]" if self.detail else ""
-        return (
-            f"{what} writing {self.path}: it needs {_bytes(self.needed)}, {free}{quota}{through}. Nothing partial "
-            f"was left and any older file there is unchanged; free space (or point the writes elsewhere) and re-run"
-            f"{self._elsewhere()}{cause}"
-        )
-
-    def _elsewhere(self) -> str:
-        """A hint when the named filesystem has room: the write that failed was maybe on another disk (a print()
-        into Dagster's captured stdout under a full $DAGSTER_HOME/storage fails with the same errno)."""
-        frees = [f for f in (self.free, self.staging_free) if f is not None]
-        roomy = max(frees, default=0) >= max(self.needed or 0, 64 << 20)
-        if self.free is None or not roomy or self.detail == CHECKED_BEFORE_WRITING:
-            return ""
-        return (
-            ". That filesystem has room now: if nothing else freed it, the full disk is another one this step writes "
-            "to (the cause below names it; Dagster's captured stdout goes to $DAGSTER_HOME/storage)"
-        )
-
-
-def _existing(path: str) -> str:
-    """`path` or its nearest existing parent folder: where the filesystem holding it can be asked."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
-def free_bytes(path: str) -> int | None:
-    """Free bytes on the filesystem that holds (or would hold) `path` (`shutil.disk_usage`); None if unknown."""
-    try:
-        return int(shutil.disk_usage(_existing(path)).free)
-    except OSError:
-        return None
-
-
-def _writable_bytes(path: str) -> int | None:
-    """Bytes this process can still write there: root may also use the blocks ext4 reserves for it."""
-    try:
-        st = os.statvfs(_existing(path))
-    except OSError:
-        return None
-    return int((st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize)
-
-
-def require_free_space(path: str, needed: int) -> None:
-    """Fail before writing, with DiskFullError, when `needed` bytes (known in advance: a copy) cannot fit on the
-    filesystem of local `path`; a write that might fit is left to try (the write still translates ENOSPC)."""
-    writable = _writable_bytes(path)
-    if writable is not None and needed > writable:
-        raise DiskFullError(path, needed, free_bytes(path), detail=CHECKED_BEFORE_WRITING)
-
-
-def _same_filesystem(a: str, b: str) -> bool:
-    try:
-        return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
-    except OSError:
-        return True
-
-
-@contextlib.contextmanager
-def disk_full_as_error(path: str, needed: int | None = None, staging: str | None = None) -> Iterator[None]:
-    """Inside: an OSError with ENOSPC/EDQUOT becomes DiskFullError(path, needed, free bytes). `path` is what the
-    block writes (named in the error, and where free space is measured); `staging` a local folder the bytes pass
-    through first (the encoder's temp parquet), reported too when it is another filesystem. A DiskFullError
-    raised deeper (naming a more precise file) passes through unchanged."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except OSError as err:
-        if err.errno not in DISK_FULL_ERRNOS:
-            raise
-        if staging is not None and _same_filesystem(path, staging):
-            staging = None
-        raise DiskFullError(
-            path,
-            needed,
-            free_bytes(path),
-            err.errno,
-            detail=str(err),
-            staging=staging,
-            staging_free=None if staging is None else free_bytes(staging),
-        ) from err
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Object-store faults, ridden out. A 10,000-shard backfill makes hundreds of thousands of S3 requests: some get a 500
-# InternalError, a 503 SlowDown, a reset connection or no answer at all. botocore's retry policy (exponential backoff
-# with full jitter, a retry quota, optionally client-side rate limiting) retries each request; it is configured here,
-# once, for every S3 client of the platform: s3fs through `filesystem`, polars' object store through
-# `s3_client_config` (`removals/plan.py`). A fault that outlasts the attempts becomes StorageUnavailableError naming
-# the URL, the fault and the attempts. Nothing partial is left: an object PUT is whole or absent, and a multipart
-# upload's parts are no object until it completes.
-# ----------------------------------------------------------------------------------------------------------------------
-
-#: retry mode and attempts when neither the laion_vq setting nor AWS_RETRY_MODE / AWS_MAX_ATTEMPTS is set
-DEFAULT_S3_RETRY_MODE = "standard"
-DEFAULT_S3_MAX_ATTEMPTS = 10
-
-
-@dataclass(frozen=True)
-class S3ClientConfig:
-    """How every S3 request is retried and timed out (from `laion_vq.settings`)."""
-
-    retry_mode: str
-    max_attempts: int
-    connect_timeout: float
-    read_timeout: float
-
-
-def s3_client_config() -> S3ClientConfig:
-    """The S3 retry policy and timeouts, read now: LAION_VQ_S3_* when set, else AWS_RETRY_MODE / AWS_MAX_ATTEMPTS
-    (what an AWS deployment may already set for every SDK), else the defaults above."""
-    from laion_vq import settings
-
-    mode = settings.S3_RETRY_MODE.get() or os.environ.get("AWS_RETRY_MODE") or DEFAULT_S3_RETRY_MODE
-    if mode not in ("standard", "adaptive", "legacy"):
-        raise ValueError(f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {mode!r}")
-    attempts = settings.S3_MAX_ATTEMPTS.get()
-    if attempts is None:
-        aws = os.environ.get("AWS_MAX_ATTEMPTS")
-        try:
-            attempts = int(aws) if aws else DEFAULT_S3_MAX_ATTEMPTS
-        except ValueError:
-            raise ValueError(f"AWS_MAX_ATTEMPTS must be an integer, got {aws!r}") from None
-    if attempts < 1:
-        raise ValueError(f"{settings.S3_MAX_ATTEMPTS.env} must be at least 1 (the first attempt), got {attempts}")
-    return S3ClientConfig(
-        retry_mode=mode,
-        max_attempts=attempts,
-        connect_timeout=settings.S3_CONNECT_TIMEOUT.get_float(),
-        read_timeout=settings.S3_READ_TIMEOUT.get_float(),
-    )
-
-
-def s3_storage_options() -> dict[str, Any]:
-    """s3fs's options for every S3 filesystem: botocore's `Config` (retries and timeouts) through `config_kwargs`."""
-    config = s3_client_config()
-    return {
-        "config_kwargs": {
-            "retries": {"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
-            "connect_timeout": config.connect_timeout,
-            "read_timeout": config.read_timeout,
-        }
-    }
-
-
-def _is_s3(url: str) -> bool:
-    return url.startswith(("s3://", "s3a://"))
-
-
-class StorageUnavailableError(OSError):
-    """An object-store request that failed on every attempt: `url`, `fault` (S3's error code, or what the
-    connection did) and `attempts`. An OSError (EIO), so code catching OSError still catches it."""
-
-    def __init__(self, url: str, fault: str, attempts: int, detail: str = "", policy: str = "") -> None:
-        self.url, self.fault, self.attempts, self.detail, self.policy = url, fault, attempts, detail, policy
-        super().__init__(errno.EIO, f"{url}: {fault} after {attempts} attempts")
-
-    def __reduce__(self) -> tuple:  # picklable across processes (Celery, multiprocessing) with its fields
-        return type(self), (self.url, self.fault, self.attempts, self.detail, self.policy)
-
-    def __str__(self) -> str:
-        detail = f" ({self.detail})" if self.detail else ""
-        policy = f" [{self.policy}]" if self.policy else ""
-        return f"{self.url}: {self.fault} after {self.attempts} attempts{detail}{policy}"
-
-
-def _causes(err: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-#: error codes botocore treats as throttling (retried whatever their status)
-_THROTTLING_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
-)
-
-
-def storage_fault(err: BaseException) -> tuple[str, int | None] | None:
-    """(fault, attempts made) when `err` comes from an S3 request botocore gave up retrying (attempts None when
-    botocore does not record them: connection errors); None for anything else (a missing object, a bug)."""
-    from botocore.exceptions import (  # type: ignore[import-untyped]
-        ClientError,
-        HTTPClientError,
-    )
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    for cause in _causes(err):
-        if isinstance(cause, ClientError):
-            meta = cause.response.get("ResponseMetadata", {})
-            status = int(meta.get("HTTPStatusCode") or 0)
-            code = str(cause.response.get("Error", {}).get("Code") or "")
-            if status < 500 and code not in _THROTTLING_CODES:
-                return None
-            fault = code if code and not code.isdigit() else f"HTTP {status}"
-            return fault, int(meta.get("RetryAttempts", 0)) + 1
-        if isinstance(cause, BotoConnectionError | HTTPClientError):
-            name = type(cause).__name__
-            return f"{_CONNECTION_FAULTS.get(name, 'connection error')} ({name})", None
-    return None
-
-
-#: what botocore's connection-level errors mean, in words (aiobotocore reports a reset connection as
-#: EndpointConnectionError, a connection closed without an answer as ConnectionClosedError)
-_CONNECTION_FAULTS = {
-    "ReadTimeoutError": "no answer within the read timeout",
-    "ConnectTimeoutError": "no connection within the connect timeout",
-    "ConnectionClosedError": "connection closed without an answer",
-    "EndpointConnectionError": "connection reset or refused",
-}
-
-
-@contextlib.contextmanager
-def storage_faults_named(url: str) -> Iterator[None]:
-    """Inside: an object-store fault that outlasted botocore's retries becomes StorageUnavailableError naming `url`,
-    the fault and the attempts; any other error (FileNotFoundError for a missing object) passes unchanged."""
-    try:
-        yield
-    except StorageUnavailableError:
-        raise
-    except Exception as err:
-        if not _is_s3(url):
-            raise
-        found = storage_fault(err)
-        if found is None:
-            raise
-        fault, attempts = found
-        config = s3_client_config()
-        policy = (
-            f"{config.retry_mode} retries, LAION_VQ_S3_MAX_ATTEMPTS={config.max_attempts}, "
-            f"LAION_VQ_S3_READ_TIMEOUT={config.read_timeout:g}s"
-        )
-        raise StorageUnavailableError(url, fault, attempts or config.max_attempts, str(err), policy) from err

@@ -8,7 +8,10 @@ from typing import TypeVar
 
 import dagster as dg
 
+from laion_vq.dagster_internals import BACKFILL_ID_TAG
 from laion_vq.defs.metadata_keys import excluded_metadata
+from laion_vq.deploy.retry_backfill import COMMAND as RETRY_BACKFILL
+from laion_vq.shards.disk_full import DiskFullError
 from laion_vq.shards.numbering import parse_shard_key
 
 T = TypeVar("T")
@@ -33,6 +36,7 @@ def for_each_shard(
     results: list[T] = []
     done: dict[str, dict] = {}
     failures: dict[str, str] = {}
+    disk_full: list[str] = []  # where: a fault only an operator can clear
     excluded = excluded or {}
     for index, key in enumerate(keys, start=1):
         if key in excluded:
@@ -44,6 +48,8 @@ def for_each_shard(
         except Exception as err:  # reported below, per shard, never swallowed
             context.log.error(f"shard {key} failed: {type(err).__name__}: {err}")
             failures[key] = f"{type(err).__name__}: {err}"
+            if isinstance(err, DiskFullError):
+                disk_full.append(err.path)
             continue
         results.append(result)
         done[key] = metadata(result)
@@ -53,7 +59,8 @@ def for_each_shard(
             context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=meta))
         raise dg.Failure(
             description=f"{len(failures)} of {len(keys)} shard(s) failed: "
-            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+            + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])
+            + (resume_after_disk_full(context, disk_full) if disk_full else ""),
             metadata={
                 "failed_shards": dg.MetadataValue.json(failures),
                 "succeeded_shards": dg.MetadataValue.json(sorted(done)),
@@ -62,6 +69,17 @@ def for_each_shard(
     for key, meta in done.items():
         context.add_asset_metadata(meta, partition_key=key)
     return results
+
+
+def resume_after_disk_full(context: dg.AssetExecutionContext, paths: list[str]) -> str:
+    """What the operator does after a full disk failed shards: the platform cannot free space itself."""
+    backfill_id = context.run.tags.get(BACKFILL_ID_TAG)
+    then = (
+        f"`{RETRY_BACKFILL} {backfill_id}` (the backfill page's *Retry failed*)"
+        if backfill_id
+        else "re-execute this run from failure"
+    )
+    return f". A disk is full ({paths[0]}): free space there, then {then}."
 
 
 def throttled(log: Callable[[str], None], every_seconds: float = 30.0) -> Callable[[str], None]:
