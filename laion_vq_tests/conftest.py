@@ -88,6 +88,41 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return save_random_checkpoint(get_model_config(TINY_MODEL), path, seed=0)
 
 
+def tiny_backfill_env(
+    tmp_path, image_server, checkpoint: str, shards: int, samples: int, **overrides: str
+) -> dict[str, str]:
+    """Metadata for `shards` shards of `samples` photos (the last one answered after the server's slow delay, so
+    downloads land one by one) and the settings that run them through the real daemon: the tiny model on the CPU,
+    one shard per download run, fast feeding. `overrides` replace any of them."""
+    from laion_vq.testing.synthetic_metadata import write_parts
+
+    photos = image_server.photo_paths()
+    urls = [
+        [image_server.url(photos[(s + i) % len(photos)]) for i in range(samples - 1)]
+        + [image_server.url("/slow/x.jpg")]
+        for s in range(shards)
+    ]
+    write_parts(str(tmp_path / "meta"), urls, row_group_size=samples)
+    return {
+        "LAION_VQ_NUM_SHARDS": str(shards),
+        "LAION_VQ_SAMPLES_PER_SHARD": str(samples),
+        "LAION_VQ_STORAGE": str(tmp_path / "data"),
+        "LAION_VQ_METADATA": str(tmp_path / "meta"),
+        "LAION_VQ_MODEL": TINY_MODEL,
+        "LAION_VQ_CHECKPOINT": checkpoint,
+        "LAION_VQ_DEVICE": "cpu",
+        "LAION_VQ_ENCODE_BATCH_SIZE": "4",
+        "LAION_VQ_PREVIEW_SAMPLES": "0",
+        "LAION_VQ_DOWNLOAD_THREADS": "4",
+        "LAION_VQ_DOWNLOAD_TIMEOUT": "10",
+        "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": f"{image_server.host}/32",
+        "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN": "1",  # tars land one by one
+        "LAION_VQ_ENCODE_FEED_POLL_SECONDS": "1",
+        "LAION_VQ_ENCODE_FEED_IDLE_SECONDS": "120",
+        **overrides,
+    }
+
+
 @pytest.fixture()
 def pg_url(request):
     """A fresh database on the machine's real PostgreSQL (dropped afterwards); its URL."""

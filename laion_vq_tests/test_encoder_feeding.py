@@ -30,9 +30,8 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
 from laion_vq.defs.feeding import ENCODED_BY_TAG
 from laion_vq.testing.dagster_services import BACKFILL_DONE
-from laion_vq.testing.synthetic_metadata import write_parts
 
-from .conftest import TINY_MODEL
+from .conftest import tiny_backfill_env
 
 NUM_SHARDS = 6
 SAMPLES = 3
@@ -67,30 +66,7 @@ def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_e
     from laion_vq.deploy.recover_dead_runs import worker_pids
     from laion_vq.testing.dagster_services import dagster_services
 
-    photos = image_server.photo_paths()
-    urls = [
-        [image_server.url(photos[(s + i) % len(photos)]) for i in range(SAMPLES - 1)]
-        + [image_server.url("/slow/x.jpg")]
-        for s in range(NUM_SHARDS)
-    ]
-    write_parts(str(tmp_path / "meta"), urls, row_group_size=3)
-    env = {
-        "LAION_VQ_NUM_SHARDS": str(NUM_SHARDS),
-        "LAION_VQ_SAMPLES_PER_SHARD": str(SAMPLES),
-        "LAION_VQ_STORAGE": str(tmp_path / "data"),
-        "LAION_VQ_METADATA": str(tmp_path / "meta"),
-        "LAION_VQ_MODEL": TINY_MODEL,
-        "LAION_VQ_CHECKPOINT": tiny_checkpoint,
-        "LAION_VQ_DEVICE": "cpu",
-        "LAION_VQ_ENCODE_BATCH_SIZE": "4",
-        "LAION_VQ_PREVIEW_SAMPLES": "0",
-        "LAION_VQ_DOWNLOAD_THREADS": "4",
-        "LAION_VQ_DOWNLOAD_TIMEOUT": "10",
-        "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": f"{image_server.host}/32",
-        "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN": "1",  # tars land one by one
-        "LAION_VQ_ENCODE_FEED_POLL_SECONDS": "1",
-        "LAION_VQ_ENCODE_FEED_IDLE_SECONDS": "120",
-    }
+    env = tiny_backfill_env(tmp_path, image_server, tiny_checkpoint, NUM_SHARDS, SAMPLES)
     home = tmp_path / "dagster_home"
     with dagster_services(home, pg_url, env=env, daemon=False) as services, services.instance() as instance:
         instance.event_log_storage.set_concurrency_slots("download", 1)

@@ -31,9 +31,8 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG, GRPC_INFO_TAG, RUN_FAILU
 from laion_vq.defs.dead_runs import dead_run_watch
 from laion_vq.deploy.recover_dead_runs import process_alive, worker_pids
 from laion_vq.testing.dagster_services import BACKFILL_DONE, PRODUCTION_YAML, dagster_services, write_instance_yaml
-from laion_vq.testing.synthetic_metadata import write_parts
 
-from .conftest import TINY_MODEL
+from .conftest import tiny_backfill_env
 
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 CODES = dg.AssetKey("code_parquets")
@@ -112,33 +111,6 @@ def test_dead_run_watch_fails_a_dead_launched_run_at_the_second_look_and_frees_i
 # through the real daemon
 
 
-def _env(tmp_path, image_server, tiny_checkpoint, shards: int, samples: int) -> dict[str, str]:
-    photos = image_server.photo_paths()
-    urls = [
-        [image_server.url(photos[(s + i) % len(photos)]) for i in range(samples - 1)]
-        + [image_server.url("/slow/x.jpg")]  # answered after 3 s: downloads land one by one
-        for s in range(shards)
-    ]
-    write_parts(str(tmp_path / "meta"), urls, row_group_size=samples)
-    return {
-        "LAION_VQ_NUM_SHARDS": str(shards),
-        "LAION_VQ_SAMPLES_PER_SHARD": str(samples),
-        "LAION_VQ_STORAGE": str(tmp_path / "data"),
-        "LAION_VQ_METADATA": str(tmp_path / "meta"),
-        "LAION_VQ_MODEL": TINY_MODEL,
-        "LAION_VQ_CHECKPOINT": tiny_checkpoint,
-        "LAION_VQ_DEVICE": "cpu",
-        "LAION_VQ_ENCODE_BATCH_SIZE": "4",
-        "LAION_VQ_PREVIEW_SAMPLES": "0",
-        "LAION_VQ_DOWNLOAD_THREADS": "4",
-        "LAION_VQ_DOWNLOAD_TIMEOUT": "10",
-        "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": f"{image_server.host}/32",
-        "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN": "1",
-        "LAION_VQ_ENCODE_FEED_POLL_SECONDS": "1",
-        "LAION_VQ_ENCODE_FEED_IDLE_SECONDS": "120",
-    }
-
-
 def _runs(instance, backfill_id: str) -> list[dg.RunRecord]:
     return list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
 
@@ -180,7 +152,7 @@ def test_daemon_killed_with_its_process_group_then_restarted_heals_the_dead_enco
 ):
     shards, samples = 6, 3
     keys = [f"{i:05d}" for i in range(shards)]
-    env = _env(tmp_path, image_server, tiny_checkpoint, shards, samples)
+    env = tiny_backfill_env(tmp_path, image_server, tiny_checkpoint, shards, samples)
     home = tmp_path / "dagster_home"
     with dagster_services(home, pg_url, env=env, daemon=False) as services, services.instance() as instance:
         instance.event_log_storage.set_concurrency_slots("download", 1)
@@ -240,7 +212,9 @@ def test_daemon_killed_with_its_process_group_then_restarted_heals_the_dead_enco
 def test_fed_run_hands_over_before_run_monitoring_would_fail_it(tmp_path, image_server, tiny_checkpoint, pg_url):
     shards, samples = 6, 3
     keys = [f"{i:05d}" for i in range(shards)]
-    env = {**_env(tmp_path, image_server, tiny_checkpoint, shards, samples), "LAION_VQ_ENCODE_FEED_HANDOVER": "0.5"}
+    env = tiny_backfill_env(
+        tmp_path, image_server, tiny_checkpoint, shards, samples, LAION_VQ_ENCODE_FEED_HANDOVER="0.5"
+    )
     home = tmp_path / "dagster_home"
     monitoring = {
         **yaml.safe_load(PRODUCTION_YAML.read_text())["run_monitoring"],

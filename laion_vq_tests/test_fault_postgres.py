@@ -99,35 +99,18 @@ def test_backfill_survives_postgres_down_for_ten_seconds(tmp_path, image_server,
     from dagster._core.storage.tags import BACKFILL_ID_TAG
 
     from laion_vq.testing.dagster_services import BACKFILL_DONE, dagster_services
-    from laion_vq.testing.synthetic_metadata import write_parts
 
-    from .conftest import TINY_MODEL
+    from .conftest import tiny_backfill_env
 
     keys = [f"{i:05d}" for i in range(BACKFILL_SHARDS)]
-    photos = image_server.photo_paths()
-    urls = [
-        [image_server.url(photos[(s + i) % len(photos)]) for i in range(BACKFILL_SAMPLES - 1)]
-        + [image_server.url("/slow/x.jpg")]  # answered after 3 s: each download run lasts a few seconds
-        for s in range(BACKFILL_SHARDS)
-    ]
-    write_parts(str(tmp_path / "meta"), urls, row_group_size=BACKFILL_SAMPLES)
-    env = {
-        "LAION_VQ_NUM_SHARDS": str(BACKFILL_SHARDS),
-        "LAION_VQ_SAMPLES_PER_SHARD": str(BACKFILL_SAMPLES),
-        "LAION_VQ_STORAGE": str(tmp_path / "data"),
-        "LAION_VQ_METADATA": str(tmp_path / "meta"),
-        "LAION_VQ_MODEL": TINY_MODEL,
-        "LAION_VQ_CHECKPOINT": tiny_checkpoint,
-        "LAION_VQ_DEVICE": "cpu",
-        "LAION_VQ_ENCODE_BATCH_SIZE": "4",
-        "LAION_VQ_PREVIEW_SAMPLES": "0",
-        "LAION_VQ_DOWNLOAD_THREADS": "4",
-        "LAION_VQ_DOWNLOAD_TIMEOUT": "10",
-        "LAION_VQ_DOWNLOAD_ALLOW_NETWORKS": f"{image_server.host}/32",
-        "LAION_VQ_DOWNLOAD_SHARDS_PER_RUN": "1",
-        "LAION_VQ_ENCODE_FEED_POLL_SECONDS": "1",
-        "LAION_VQ_ENCODE_FEED_IDLE_SECONDS": "60",
-    }
+    env = tiny_backfill_env(
+        tmp_path,
+        image_server,
+        tiny_checkpoint,
+        BACKFILL_SHARDS,
+        BACKFILL_SAMPLES,
+        LAION_VQ_ENCODE_FEED_IDLE_SECONDS="60",
+    )
     home = tmp_path / "dagster_home"
     with (
         pg_cluster("dagster") as cluster,
