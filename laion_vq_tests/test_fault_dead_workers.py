@@ -28,6 +28,7 @@ import yaml
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import BACKFILL_ID_TAG, GRPC_INFO_TAG, RUN_FAILURE_REASON_TAG
 
+from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
 from laion_vq.defs.dead_runs import dead_run_watch
 from laion_vq.deploy.recover_dead_runs import process_alive, worker_pids
 from laion_vq.testing.dagster_services import BACKFILL_DONE, PRODUCTION_YAML, dagster_services, write_instance_yaml
@@ -142,9 +143,15 @@ def _wait(what: str, check, processes: dict, log, timeout: float = 600) -> objec
 
 
 def _one_code_per_shard(instance, keys: list[str], samples: int) -> None:
+    """Each shard encoded once, and both its code checks passed on that materialization: a killed run's retry,
+    planned after the shards were checked and then cancelled as covered, must not leave them unchecked."""
     records = instance.fetch_materializations(CODES, limit=1000).records
     assert Counter(r.partition_key for r in records) == dict.fromkeys(keys, 1)
     assert all(r.asset_materialization.metadata["encoded"].value == samples for r in records)
+    for check in (CODES_CHECK, REMOVED_CODES_CHECK):
+        results = latest_results(instance, check, keys)
+        assert sorted(r.shard for r in results) == keys, (check, results)
+        assert all(r.passed and r.current for r in results), (check, results)
 
 
 def test_daemon_killed_with_its_process_group_then_restarted_heals_the_dead_encoder_run(

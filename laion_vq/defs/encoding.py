@@ -20,8 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import dagster as dg
 
 from laion_vq import settings
-from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, failed_with_error, latest_results
-from laion_vq.defs.feeding import BackfillFeed, backfill_of
+from laion_vq.defs.check_state import (
+    CODES_CHECK,
+    IMAGES_CHECK,
+    REMOVED_CODES_CHECK,
+    failed_with_error,
+    latest_results,
+)
+from laion_vq.defs.feeding import BackfillFeed, backfill_of, recorded_by
 from laion_vq.defs.metadata_keys import excluded_metadata
 from laion_vq.shards.disk_full import DiskFullError
 from laion_vq.shards.numbering import parse_shard_key
@@ -114,14 +120,25 @@ def _record_each(
     )
     checks = InlineCodeChecks(context.instance, run.layout, run.codes_folder, run.spec.grid, run.spec.n_embed)
     keys = list(context.partition_keys)
+
+    def check_again(done: list[str]) -> None:
+        """Evaluate the checks of encoded shards whose latest check execution is not a current result: a run
+        killed between recording a shard and checking it, or a run planned after the shard was checked (a killed
+        run's retry: Dagster plans its checks when the run is made) whose never-run plans now hide the result."""
+        done = [k for k in done if feed.is_done(k)]  # not a shard whose tar changed since (it is encoded again)
+        if not done:
+            return
+        results = [latest_results(context.instance, check, done) for check in (CODES_CHECK, REMOVED_CODES_CHECK)]
+        checked = set.intersection(*({r.shard for r in rs if r.current} for rs in results))
+        for key in [k for k in done if k not in checked]:
+            for evaluation in checks.evaluations(key):
+                context.log_event(evaluation)
+
     already = [k for k in keys if feed.is_done(k)]
     if already:
         context.log.info(f"{len(already)} shard(s) already encoded in this backfill (a retried run): {already[:20]}")
-        # a run killed between recording a shard and checking it: check it now
-        checked = {r.shard for r in latest_results(context.instance, CODES_CHECK, already) if r.current}
-        for key in [k for k in already if k not in checked]:
-            for evaluation in checks.evaluations(key):
-                context.log_event(evaluation)
+    parent = context.run.parent_run_id  # a retry: what its parent recorded, fed shards included, may be unchecked
+    check_again(sorted({*already, *(recorded_by(context.instance, parent) if parent else [])}))
     failures: dict[str, str] = {}
     disk_full: list[str] = []  # where: a fault only an operator can clear
     for key in keys:
@@ -150,7 +167,7 @@ def _record_each(
         where = "fed" if key in feed.fed else f"{recorded[0]}/{len(own)}"
         context.log.info(f"shard {key} done ({where})")
         if time.monotonic() - last_cancel[0] >= 10.0:
-            feed.cancel_covered_runs()
+            check_again(feed.cancel_covered_runs())
             last_cancel[0] = time.monotonic()
 
     pending: list[Future] = []
@@ -172,7 +189,7 @@ def _record_each(
         recorder.shutdown(wait=True)
     for future in pending:
         future.result()
-    feed.cancel_covered_runs()
+    check_again(feed.cancel_covered_runs())
     if feed.fed:
         context.log.info(
             f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {len(own)}; "

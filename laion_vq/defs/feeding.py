@@ -90,6 +90,7 @@ class BackfillFeed:
         self._tar_latest: dict[str, int] = {}  # partition → storage id of its newest tar, any run
         self._tar_in_backfill: set[str] = set()  # tars this backfill materialized
         self._code_in_backfill: dict[str, int] = {}  # partition → newest code storage id by this backfill
+        self._code_latest: dict[str, int] = {}  # partition → storage id of its newest codes, any run
         self._runs_in_backfill: dict[str, bool] = {}
         self._taken: set[str] = set()
         self._given_up: set[str] = set()
@@ -138,8 +139,10 @@ class BackfillFeed:
                     if self._runs_in_backfill.get(record.run_id):
                         self._tar_in_backfill.add(record.partition_key)
             for record in codes:
-                if record.partition_key is not None and self._runs_in_backfill.get(record.run_id):
-                    self._code_in_backfill[record.partition_key] = record.storage_id
+                if record.partition_key is not None:
+                    self._code_latest[record.partition_key] = record.storage_id
+                    if self._runs_in_backfill.get(record.run_id):
+                        self._code_in_backfill[record.partition_key] = record.storage_id
         if time.monotonic() - self._backfill_read_at >= 10.0:
             self._read_backfill()
 
@@ -161,9 +164,12 @@ class BackfillFeed:
             self._failed_upstream = set(failed.get_partitions_subset(CODES_KEY).get_partition_keys())
 
     def is_done(self, key: str) -> bool:
-        """Encoded by a run of this backfill since its tar's latest materialization (e.g. before a retry)."""
-        code = self._code_in_backfill.get(key)
-        return code is not None and code > self._tar_latest.get(key, -1)
+        """Encoded by a run of this backfill (e.g. before a retry), and its codes are newer than its tar: a
+        re-downloaded tar makes it to do again; a removal, which rewrites the tar and then the codes of a shard
+        (`apply_removals`), does not."""
+        if key not in self._code_in_backfill:
+            return False
+        return self._code_latest[key] > self._tar_latest.get(key, -1)
 
     # -- told by the caller -------------------------------------------------------------------------------------
 
@@ -244,12 +250,13 @@ class BackfillFeed:
     # -- the backfill's duplicate runs ---------------------------------------------------------------------------
 
     def cancel_covered_runs(self) -> list[str]:
-        """Cancel the backfill's queued encoder runs whose every shard this backfill has encoded."""
+        """Cancel the backfill's queued encoder runs whose every shard this backfill has encoded; returns those
+        runs' shards."""
         self.refresh()
         queued = self.instance.get_runs(
             filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}, statuses=[dg.DagsterRunStatus.QUEUED])
         )
-        cancelled = []
+        cancelled, covered = [], []
         for run in queued:
             if run.asset_selection is None or set(run.asset_selection) != {CODES_KEY}:
                 continue
@@ -259,10 +266,27 @@ class BackfillFeed:
             self.instance.add_run_tags(run.run_id, {ENCODED_BY_TAG: self.run_id})
             if self.instance.run_coordinator.cancel_run(run.run_id):
                 cancelled.append(run.run_id)
+                covered += keys
+                if run.parent_run_id:  # a killed run's retry: the shards its parent fed may be unchecked too
+                    covered += recorded_by(self.instance, run.parent_run_id)
         if cancelled:
             self.log(f"cancelled {len(cancelled)} queued encoder run(s) whose shards this run encoded: {cancelled}")
         self.cancelled_runs += cancelled
-        return cancelled
+        return covered
+
+
+def recorded_by(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The `code_parquets` partitions a run recorded (its own and those it was fed)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return sorted(
+        {
+            r.event_log_entry.dagster_event.partition
+            for r in records
+            if r.event_log_entry.dagster_event
+            and r.event_log_entry.dagster_event.asset_key == CODES_KEY
+            and r.event_log_entry.dagster_event.partition
+        }
+    )
 
 
 def max_runtime(instance: dg.DagsterInstance, tags: dict[str, str]) -> float | None:
