@@ -236,6 +236,44 @@ def test_one_bad_shard_fails_the_run_but_keeps_the_good_ones(tmp_path, image_ser
         assert not (tmp_path / "data" / "metadata" / "00001.parquet").exists()
 
 
+def test_a_failed_download_step_still_checks_the_tars_it_recorded(pipeline):
+    """Shard 00001 has no metadata shard, so the download step fails after recording 00000; the run's check steps
+    are then skipped, so the step evaluates 00000's tar checks itself: current, passed (else the encoder would never
+    be fed that shard, and the backfill's retry of 00001 would not check it either)."""
+    defs, layout, _urls = pipeline
+    with dg.instance_for_test() as instance:
+        meta_only = dg.materialize(
+            [raw_metadata_shards],
+            partition_key="00000",
+            instance=instance,
+            resources={"storage": defs.resources["storage"], "metadata": defs.resources["metadata"]},
+        )
+        assert meta_only.success
+        job = dg.define_asset_job(
+            "tars", selection=dg.AssetSelection.assets(image_tars) | dg.AssetSelection.checks_for_assets(image_tars)
+        )
+        result = (
+            dg.Definitions(
+                assets=[raw_metadata_shards, image_tars],
+                asset_checks=SHARD_CHECKS[1:2],
+                jobs=[job],
+                resources=defs.resources,
+                executor=dg.in_process_executor,
+            )
+            .resolve_job_def("tars")
+            .execute_in_process(
+                instance=instance,
+                tags={ASSET_PARTITION_RANGE_START_TAG: "00000", ASSET_PARTITION_RANGE_END_TAG: "00001"},
+                raise_on_error=False,
+            )
+        )
+        assert not result.success
+        assert "1 of 2 shard(s) failed: 00001" in _failure_text(result)
+        assert set(_materializations(instance, "image_tars")) == {"00000"}
+        [checked] = latest_results(instance, IMAGES_CHECK, ["00000", "00001"])
+        assert (checked.shard, checked.passed, checked.current) == ("00000", True, True), checked
+
+
 def _run_two_shards_of(defs, job_name, instance):
     return defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,

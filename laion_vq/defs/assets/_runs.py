@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import dagster as dg
@@ -22,6 +22,7 @@ def for_each_shard(
     work: Callable[[int], T],
     metadata: Callable[[T], dict],
     excluded: Mapping[str, str] | None = None,
+    checks: Callable[[list[str]], Iterable[dg.AssetCheckEvaluation]] | None = None,
 ) -> list[T]:
     """Run `work` for every partition of this run, recording each shard's metadata on its own partition.
 
@@ -29,8 +30,10 @@ def for_each_shard(
     records `excluded: <reason>` instead, so a backfill over all 10,000 shards skips them visibly.
 
     One bad shard does not stop the others. If any failed, the shards that succeeded are still recorded
-    as materialized (their files are published) and the step then fails naming every failed shard and
-    its error, so a backfill shows exactly which shards to look at and retries only those.
+    as materialized (their files are published), `checks` evaluates their checks here (the failed step skips
+    the run's check steps, which would leave them unchecked and, for tars, never fed to the encoder), and the
+    step then fails naming every failed shard and its error, so a backfill shows exactly which shards to look
+    at and retries only those.
     """
     keys = list(context.partition_keys)
     results: list[T] = []
@@ -57,6 +60,9 @@ def for_each_shard(
     if failures:
         for key, meta in done.items():
             context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=meta))
+        if checks is not None:
+            for evaluation in checks(sorted(k for k in done if k not in excluded)):
+                context.log_event(evaluation)
         raise dg.Failure(
             description=f"{len(failures)} of {len(keys)} shard(s) failed: "
             + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5])

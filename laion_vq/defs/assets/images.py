@@ -2,9 +2,11 @@
 
 import dagster as dg
 
+from laion_vq.audit import ShardVerdict, audit_image_shard
 from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets._runs import for_each_shard
 from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata_shards
+from laion_vq.defs.check_state import IMAGES_CHECK, REMOVED_IMAGES_CHECK
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource
 from laion_vq.removals import RemovalListError, read_removal_lists
@@ -73,4 +75,16 @@ def image_tars(
             removal_lists=lists,
         )
 
-    for_each_shard(context, work, _metadata, read_exclusions(layout))
+    def checks(recorded: list[str]) -> list[dg.AssetCheckEvaluation]:
+        """The tar checks of the shards this failing step recorded: its check steps will be skipped."""
+        from laion_vq.defs.checks import audit_removals, evaluate_shards  # the checks module imports the assets
+
+        def audit(key: str) -> ShardVerdict:
+            return audit_image_shard(layout, key)
+
+        return [
+            *evaluate_shards(context.op_execution_context, IMAGES_CHECK, layout, recorded, audit, blocking=True),
+            *audit_removals(context, layout, "", [REMOVED_IMAGES_CHECK], lambda _check: recorded),
+        ]
+
+    for_each_shard(context, work, _metadata, read_exclusions(layout), checks)
