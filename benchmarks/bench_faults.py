@@ -25,8 +25,10 @@ work in flight (a download run STARTED; the fed encoder run STARTED once it exis
 9. `deploy`: a new version of the code location (the workspace's module changed) deployed as a service
    manager deploys: SIGTERM to the daemon's and webserver's groups (SIGKILL after 20 s), started again.
 
-S3 faults (500, 503 SlowDown, resets, stalls) are measured against the storage path in
-`laion_vq_tests/test_storage_faults.py`; this runner keeps storage local so the disk can fill.
+With `--storage s3` the storage root is an S3 bucket on moto's server behind the fault-injecting proxy
+(`laion_vq.testing.storage_faults`), and `s3` replaces `storage-full` in the schedule: for `--s3-fault-s`
+seconds a quarter of all requests get 503 SlowDown, a tenth 500 InternalError, one in twenty a reset connection,
+and two reads stall past the read timeout.
 
 After the schedule: the backfill must end COMPLETED_SUCCESS; where a fault stopped it (a full disk fails the
 shards it could not write, naming the path), the runner runs the one command the failure names
@@ -36,12 +38,14 @@ every shard's checks pass and are current, no shard materialized twice outside t
 held, no listed URL left in a code parquet. Prints one table row per fault. Root only (tmpfs mounts).
 
     .venv/bin/python benchmarks/bench_faults.py --partitions 120
+    .venv/bin/python benchmarks/bench_faults.py --partitions 120 --storage s3
     .venv/bin/python benchmarks/bench_faults.py --partitions 24 --faults postgres,daemon   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
@@ -57,8 +61,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from laion_vq.defs.check_state import IMAGES_CHECK, SHARD_CHECK_KEYS, latest_results  # noqa: E402
-from laion_vq.deploy.retry_backfill import retry_failed  # noqa: E402
-from laion_vq.shards.storage import StorageLayout  # noqa: E402
+from laion_vq.deploy.retry_backfill import resume  # noqa: E402
+from laion_vq.shards.storage import StorageLayout, filesystem, publish_bytes  # noqa: E402
+from laion_vq.testing.aws import moto_aws  # noqa: E402
 from laion_vq.testing.dagster_services import dagster_services  # noqa: E402
 from laion_vq.testing.faults import (  # noqa: E402
     DiskFiller,
@@ -74,18 +79,21 @@ from laion_vq.testing.faults import (  # noqa: E402
 from laion_vq.testing.hostile_server import HostileServer  # noqa: E402
 from laion_vq.testing.image_server import ImageServer  # noqa: E402
 from laion_vq.testing.pg_cluster import pg_cluster  # noqa: E402
+from laion_vq.testing.storage_faults import StorageFaultProxy  # noqa: E402
 from laion_vq.testing.synthetic_metadata import write_parts  # noqa: E402
 from laion_vq.vqgan import get_model_config, save_random_checkpoint  # noqa: E402
 
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 TARS, CODES = dg.AssetKey("image_tars"), dg.AssetKey("code_parquets")
 MODEL = "vqgan_gumbel_f8_tiny"
+S3_BUCKET = "laion-faults"
 SCHEDULE = {  # fault → share of tars landed when it is injected
     "postgres": 0.10,
     "daemon": 0.18,
     "webserver": 0.26,
     "machine": 0.34,
     "storage-full": 0.42,
+    "s3": 0.42,  # --storage s3 only
     "home-full": 0.50,
     "removal": 0.58,
     "stalled-host": 0.66,
@@ -155,9 +163,18 @@ class Harness:
             pg_cluster("dagster") as cluster,
             ImageServer(slow_delay_s=args.slow_s) as images,
             HostileServer(drip_interval_s=0.5, stall_s=600) as hostile,
+            contextlib.ExitStack() as stack,
         ):
             self.cluster, self.storage, self.home = cluster, storage, home
             env = self.prepare(images, hostile)
+            if args.storage == "s3":  # moto behind the fault proxy; this process reads moto directly
+                aws = stack.enter_context(moto_aws())
+                self.proxy = stack.enter_context(StorageFaultProxy(aws["AWS_ENDPOINT_URL"], stall_s=40))
+                import boto3  # type: ignore[import-untyped]
+
+                boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=S3_BUCKET)
+                self.layout = StorageLayout(f"s3://{S3_BUCKET}/data")
+                env.update(aws, AWS_ENDPOINT_URL=self.proxy.url, LAION_VQ_STORAGE=self.layout.root)
             with dagster_services(home, cluster.url, env=env, workspace=home / "workspace.yaml") as services:
                 self.services = services
                 with services.instance() as instance:
@@ -219,7 +236,10 @@ class Harness:
 
     @property
     def selected(self) -> set[str]:
-        return set(self.args.faults.split(",")) if self.args.faults != "all" else set(SCHEDULE)
+        if self.args.faults != "all":
+            return set(self.args.faults.split(","))
+        local_only, s3_only = {"storage-full"}, {"s3"}
+        return set(SCHEDULE) - (local_only if self.args.storage == "s3" else s3_only)
 
     def launch_while_webserver_dies(self, instance) -> None:
         """The UI's launch mutation in flight when the webserver is SIGKILLed; the user clicks again only if
@@ -346,13 +366,28 @@ class Harness:
         encoded = sorted(instance.get_materialized_partitions(CODES))[0]
         pending = self.keys[-1]
         self.listed = [self.urls[int(encoded)][0], self.urls[int(pending)][0]]
-        lists = Path(self.layout.root) / "removals"
-        lists.mkdir(exist_ok=True)
         rows = "".join(f"{url},,,,,fault test takedown,2026-12-07\n" for url in self.listed)
-        tmp = lists / ".takedown.csv.part"
-        tmp.write_text("url,domain,sample_id,key,image_sha256,reason,date\n" + rows)
-        tmp.rename(lists / "takedown.csv")
+        header = "url,domain,sample_id,key,image_sha256,reason,date\n"
+        publish_bytes((header + rows).encode(), f"{self.layout.root}/removals/takedown.csv")  # whole, or not at all
         outcome.notes.append(f"listed a URL of encoded shard {encoded} and of pending shard {pending}")
+        return time.time()
+
+    def fault_s3(self, instance, outcome: Outcome) -> float:
+        """Object storage misbehaving for `--s3-fault-s` seconds: SlowDown, 500s, resets on any request, a few
+        reads stalled past the read timeout; then healthy again."""
+        proxy = self.proxy
+        proxy.reset_counts()
+        proxy.inject("stall", on="read", times=2)
+        proxy.inject("slow_down", on="any", probability=0.25, seed=1)
+        proxy.inject("internal_error", on="any", probability=0.1, seed=2)
+        proxy.inject("reset", on="any", probability=0.05, seed=3)
+        time.sleep(self.args.s3_fault_s)
+        proxy.clear()
+        faults = {kind: proxy.injected_count(kind) for kind in ("slow_down", "internal_error", "reset", "stall")}
+        outcome.notes.append(
+            f"{sum(faults.values())} faults injected in {self.args.s3_fault_s:.0f} s ({faults}) among "
+            f"{sum(proxy.forwarded.values())} requests forwarded"
+        )
         return time.time()
 
     def fault_stalled_host(self, instance, outcome: Outcome) -> float:
@@ -392,11 +427,15 @@ class Harness:
         status = services.wait_for_backfill(self.backfills[-1], timeout=self.args.wait_s * 6)
         print(f"[{time.strftime('%H:%M:%S')}] backfill {self.backfills[-1]}: {status}", flush=True)
         while status != "COMPLETED_SUCCESS" and len(self.backfills) < 3:
-            # the one command a stopped backfill's failure names
-            self.backfills.append(retry_failed(self.backfills[-1], services.url))
+            # the one command a stopped backfill's failure names: retry the failed partitions, audit the unchecked
+            new, audit_run, shards = resume(instance, self.backfills[-1], services.url)
+            self.backfills.append(new)
             self.human = f"`python -m laion_vq.deploy.retry_backfill {self.backfills[-2][:8]}…`"
-            status = services.wait_for_backfill(self.backfills[-1], timeout=self.args.wait_s * 3)
-            print(f"[{time.strftime('%H:%M:%S')}] retry backfill {self.backfills[-1]}: {status}", flush=True)
+            status = services.wait_for_backfill(new, timeout=self.args.wait_s * 3)
+            print(f"[{time.strftime('%H:%M:%S')}] retry backfill {new}: {status}", flush=True)
+            if audit_run:
+                audited = services.wait_for_run(audit_run, timeout=self.args.wait_s)
+                print(f"[{time.strftime('%H:%M:%S')}] audit of {len(shards)} unchecked shard(s): {audited}", flush=True)
         self.final_status = status
         # let the removal sensor (every 60 s) apply the list if it has not yet
         if "removal" in self.selected:
@@ -410,8 +449,10 @@ class Harness:
         import pyarrow.parquet as pq
 
         left = []
-        for path in (Path(self.layout.root) / "codes" / MODEL).glob("*.parquet"):
-            urls = set(pq.read_table(path, columns=["url"]).column("url").to_pylist())
+        fs, folder = filesystem(self.layout.codes_dir(MODEL))
+        for path in fs.glob(f"{folder}/*.parquet"):
+            with fs.open(path, "rb") as f:
+                urls = set(pq.read_table(f, columns=["url"]).column("url").to_pylist())
             left += [u for u in self.listed if u in urls]
         return left
 
@@ -525,6 +566,8 @@ def main() -> int:
     parser.add_argument("--shards-per-run", type=int, default=4, help="shards per download run")
     parser.add_argument("--download-slots", type=int, default=2)
     parser.add_argument("--slow-s", type=float, default=3.0, help="one image per shard answers this late")
+    parser.add_argument("--storage", choices=["local", "s3"], default="local", help="s3: moto behind the fault proxy")
+    parser.add_argument("--s3-fault-s", type=float, default=30, help="how long object storage misbehaves")
     parser.add_argument("--faults", default="all", help=f"comma list of {', '.join(SCHEDULE)}, or all")
     parser.add_argument("--storage-mb", type=int, default=256)
     parser.add_argument("--home-mb", type=int, default=128)

@@ -112,3 +112,34 @@ def test_download_logs_progress_while_img2dataset_works(tmp_path, image_server):
     )
     assert result.successes == 5 and result.rows == 5  # the slow image (3 s) arrives within the 5 s timeout
     assert messages and all(m.startswith("shard 00000: ") and "MB of images after" in m for m in messages)
+
+
+def test_a_removal_applied_while_the_shard_encodes_is_honoured(tmp_path, tiny_encoder):
+    """A removal list lands mid-backfill: `apply_removals` marks a key `removed` in the status parquet (and drops it
+    from the tar) while the encoder works from the tar it already opened. The published codes leave it out."""
+    layout = StorageLayout(str(tmp_path))
+    images = {f"00002{i:04d}": _jpeg(i) for i in range(4)}
+    _write_shard(layout, 2, images, failed=[])
+    config, model = tiny_encoder
+    listed = "000020001"
+
+    def encode_while_the_removal_lands(batch, keys):
+        status = pq.read_table(layout.image_status(2))
+        statuses = [
+            "removed" if k == listed else s
+            for k, s in zip(status["key"].to_pylist(), status["status"].to_pylist(), strict=True)
+        ]
+        pq.write_table(status.set_column(1, "status", pa.array(statuses)), layout.image_status(2))
+        return model.encode_uint8(batch, batch_size=4)
+
+    result = encode_code_shard(
+        layout,
+        2,
+        model_name=TINY_MODEL,
+        encode=encode_while_the_removal_lands,
+        grid=32,
+        n_embed=config.n_embed,
+        batch_size=4,
+    )
+    keys = pq.read_table(result.path).column("key").to_pylist()
+    assert keys == sorted(set(images) - {listed}) and result.encoded == 3

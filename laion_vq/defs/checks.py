@@ -321,11 +321,16 @@ class InlineCodeChecks:
     def __init__(self, instance: dg.DagsterInstance, layout: StorageLayout, folder: str, grid: int, n_embed: int):
         self.instance, self.layout, self.folder, self.grid, self.n_embed = instance, layout, folder, grid, n_embed
         self._listed: dict[str, set[str]] | None = None
+        self._lists_seen: tuple = ()
 
     def _listed_keys(self) -> dict[str, set[str]]:
-        """The removal lists' keys by shard, planned once per run (a plan reads every status parquet)."""
-        if self._listed is None:
-            self._listed = listed_keys_by_shard(self.layout)
+        """The removal lists' keys by shard, planned again only when the lists change (a plan reads every status
+        parquet; a fed run lives for hours, and a list landing meanwhile must be checked against)."""
+        from laion_vq.removals.lists import lists_signature  # as listed_keys_by_shard: polars on first use
+
+        signature = lists_signature(self.layout)
+        if self._listed is None or signature != self._lists_seen:
+            self._listed, self._lists_seen = listed_keys_by_shard(self.layout), signature
         return self._listed
 
     def evaluations(self, key: str) -> list[dg.AssetCheckEvaluation]:

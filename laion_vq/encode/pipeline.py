@@ -171,7 +171,14 @@ class EncodePipeline:
         require_upstream(tar_url, "image_tars", read=False)
         rows = {row["key"]: row for row in status.to_pylist()}
         return ShardAccumulator(
-            shard_id, rows, tar_url, dest, keep_samples=keep, status_schema=status.schema, provenance=provenance
+            shard_id,
+            rows,
+            tar_url,
+            dest,
+            keep_samples=keep,
+            status_schema=status.schema,
+            provenance=provenance,
+            status_url=self.layout.image_status(shard_id),
         )
 
     def _read(self, shard_ids: Iterable[int], keep: Mapping[int, int], out: queue.Queue, stop: threading.Event) -> None:

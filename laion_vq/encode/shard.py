@@ -16,6 +16,7 @@ from laion_vq import settings
 from laion_vq.report.usage import pack_code_usage
 from laion_vq.shards.codes import build_codes_table, check_codes_table, read_codes_provenance, write_codes_parquet
 from laion_vq.shards.disk_full import disk_full_as_error
+from laion_vq.shards.schema import REMOVED_STATUS
 from laion_vq.shards.storage import StorageLayout, exists, read_bytes, require_upstream, size
 from laion_vq.shards.tar_reader import CorruptShardError
 
@@ -114,7 +115,11 @@ def status_rows(layout: StorageLayout, shard_id: int) -> dict[str, dict]:
 
 def status_table(layout: StorageLayout, shard_id: int) -> pa.Table:
     """The img2dataset status parquet of the shard (CorruptShardError if unreadable or lacking key/status)."""
-    url = layout.image_status(shard_id)
+    return status_table_at(layout.image_status(shard_id))
+
+
+def status_table_at(url: str) -> pa.Table:
+    """`status_table` by URL."""
     require_upstream(url, "image_tars", read=False)
     try:
         table = pq.read_table(io.BytesIO(read_bytes(url)))
@@ -147,6 +152,8 @@ class ShardAccumulator:
     status_schema: pa.Schema | None = None
     #: the run's provenance with this shard's source and filter (`shard_source_provenance`)
     provenance: dict = field(default_factory=dict)
+    #: the status parquet, read again at publish time: a removal applied meanwhile is honoured
+    status_url: str | None = None
 
     @property
     def success_keys(self) -> set[str]:
@@ -165,6 +172,19 @@ class ShardAccumulator:
 
     def progress(self) -> str:
         return f"shard {self.shard_id:05d}: {len(self.keys)} encoded, {sum(self.undecodable.values())} undecodable"
+
+
+def removed_meanwhile(acc: ShardAccumulator) -> dict[str, dict]:
+    """Status rows (by key) that a removal marked `removed` since the shard's status was read: `apply_removals`
+    may rewrite a shard's tar and status while the encoder works on the old ones (a list landing mid-backfill)."""
+    if acc.status_url is None:
+        return {}
+    now = status_table_at(acc.status_url).to_pylist()
+    return {
+        row["key"]: row
+        for row in now
+        if row["status"] == REMOVED_STATUS and acc.status.get(row["key"], {}).get("status") != REMOVED_STATUS
+    }
 
 
 def publish_shard(acc: ShardAccumulator, spec: CodeSpec, tar_error: str | None, elapsed: float) -> CodeShardResult:
@@ -187,7 +207,15 @@ def publish_shard(acc: ShardAccumulator, spec: CodeSpec, tar_error: str | None, 
         )
     grid = spec.grid
     all_codes = np.concatenate(acc.codes) if acc.codes else np.zeros((0, grid, grid), np.int16)
-    table = build_codes_table(acc.keys, all_codes, acc.status, acc.image_sha256, source_schema=acc.status_schema)
+    keys, image_sha256 = acc.keys, acc.image_sha256
+    removed = removed_meanwhile(acc)
+    if removed:  # a removal list was applied to this shard while it encoded: its items go, as apply_removals does
+        keep = np.array([k not in removed for k in keys], dtype=bool)
+        all_codes = all_codes[keep]
+        keys = [k for k, kept in zip(keys, keep, strict=True) if kept]
+        image_sha256 = [h for h, kept in zip(image_sha256, keep, strict=True) if kept]
+        acc.status.update(removed)
+    table = build_codes_table(keys, all_codes, acc.status, image_sha256, source_schema=acc.status_schema)
     report = check_codes_table(table, acc.shard_id, grid, spec.n_embed, required=table.schema.names)
     if not report.ok:
         raise CorruptShardError(f"shard {acc.shard_id:05d}: encoded output breaks the contract: {report.problems}")

@@ -226,6 +226,22 @@ def lists_dir(layout: StorageLayout) -> str:
     return f"{layout.root.rstrip('/')}/{LISTS_DIR}"
 
 
+def lists_signature(layout: StorageLayout) -> tuple:
+    """What the lists folder holds now — names, sizes and modification times (or ETags) — from one listing, reading
+    no list: cheap enough to ask before every shard, so a list landing mid-run is seen (empty: no list)."""
+    fs, path = filesystem(lists_dir(layout))
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return ()
+    return tuple(
+        sorted(
+            (str(e["name"]), int(e.get("size") or 0), str(e.get("mtime") or e.get("LastModified") or e.get("ETag")))
+            for e in entries
+        )
+    )
+
+
 def ledger_url(layout: StorageLayout) -> str:
     return f"{lists_dir(layout)}/{LEDGER_NAME}"
 
