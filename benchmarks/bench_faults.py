@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
@@ -168,6 +169,7 @@ class Harness:
             self.cluster, self.storage, self.home = cluster, storage, home
             env = self.prepare(images, hostile)
             if args.storage == "s3":  # moto behind the fault proxy; this process reads moto directly
+                logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
                 aws = stack.enter_context(moto_aws())
                 self.proxy = stack.enter_context(StorageFaultProxy(aws["AWS_ENDPOINT_URL"], stall_s=40))
                 import boto3  # type: ignore[import-untyped]
