@@ -439,6 +439,15 @@ class Harness:
                 audited = services.wait_for_run(audit_run, timeout=self.args.wait_s)
                 print(f"[{time.strftime('%H:%M:%S')}] audit of {len(shards)} unchecked shard(s): {audited}", flush=True)
         self.final_status = status
+        # a backfill completes when its partitions are materialized; duplicates still queued then run or are
+        # cancelled, and re-check what they planned: the end state is after them
+        unfinished = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+        wait_for(
+            "the runs left after the backfill",
+            lambda: not instance.get_runs(dg.RunsFilter(statuses=unfinished)),
+            self.args.wait_s,
+            2,
+        )
         # let the removal sensor (every 60 s) apply the list if it has not yet
         if "removal" in self.selected:
             wait_for("the removal job", lambda: self.removal_applied(instance), self.args.wait_s, 5)
