@@ -45,13 +45,24 @@ TINY_VQ = _tiny_vq()
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_defs_state_storage():
-    """Dagster keeps the current instance's defs-state storage in a context variable. A test that builds a
-    schedule context with resources can leave it pointing at an instance disposed since, and the next test
-    that resolves Definitions then fails ("undefined DagsterInstance weakref"). Each test starts without."""
-    from dagster._core.storage.defs_state.base import _current_storage
+def _no_leaked_defs_state_storage(monkeypatch):
+    """Dagster keeps the current instance's defs-state storage in a context variable, and a resource context
+    built without an instance (schedule and sensor contexts with resources, Dagster's own resource
+    initialisation) enters an ephemeral instance it never exits: the variable then points at an instance that
+    the garbage collector may take at any moment, even in the middle of a test, and the next Definitions
+    resolved fail ("undefined DagsterInstance weakref"; seen once in CI, between two `materialize` calls).
+    Each test starts without one, and a storage whose instance is gone reads as none (Dagster's own reading
+    when no instance is current)."""
+    from dagster._core.storage.defs_state.base import DefsStateStorage, _current_storage
 
     _current_storage.set(None)
+
+    def live_storage() -> DefsStateStorage | None:
+        storage = _current_storage.get()
+        ref = getattr(storage, "_instance_weakref", None)
+        return None if storage is None or (ref is not None and ref() is None) else storage
+
+    monkeypatch.setattr(DefsStateStorage, "get", classmethod(lambda cls: live_storage()))
     yield
 
 

@@ -220,8 +220,8 @@ def test_fed_run_hands_over_before_run_monitoring_would_fail_it(tmp_path, image_
     shards, samples = 6, 3
     keys = [f"{i:05d}" for i in range(shards)]
     env = tiny_backfill_env(
-        tmp_path, image_server, tiny_checkpoint, shards, samples, LAION_VQ_ENCODE_FEED_HANDOVER="0.5"
-    )
+        tmp_path, image_server, tiny_checkpoint, shards, samples, LAION_VQ_ENCODE_FEED_HANDOVER="0.1"
+    )  # 6 s: well before the downloads (one slot, one run per shard) have all landed, on a fast machine too
     home = tmp_path / "dagster_home"
     monitoring = {
         **yaml.safe_load(PRODUCTION_YAML.read_text())["run_monitoring"],
