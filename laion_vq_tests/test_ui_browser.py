@@ -222,6 +222,18 @@ class Screenshots:
         page.screenshot(path=str(path))
         self.taken.append(path.name)
 
+    @contextlib.contextmanager
+    def kept(self, page, note: Callable[[], str] = str) -> Iterator[None]:
+        """A last screenshot when the block fails; where they all are (and `note()`) printed either way."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.take(page, "failure")
+            raise
+        finally:
+            print(f"screenshots in {self.folder}: {', '.join(self.taken)}{note()}")
+
 
 @pytest.fixture()
 def screenshots(tmp_path) -> Screenshots:
@@ -238,9 +250,9 @@ def chromium() -> str:
     return CHROMIUM
 
 
-@pytest.fixture()
-def page(chromium: str, ui: str):
-    """A Chromium page on the UI; Dagster's one-time "Join the community" dialog is dismissed whenever it shows."""
+@contextlib.contextmanager
+def _chromium_page(chromium: str):
+    """A Chromium page; Dagster's one-time "Join the community" dialog is dismissed whenever it shows."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -252,6 +264,13 @@ def page(chromium: str, ui: str):
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture()
+def page(chromium: str, ui: str):
+    """A Chromium page on the demo's UI."""
+    with _chromium_page(chromium) as page:
+        yield page
 
 
 @pytest.fixture()
@@ -450,19 +469,83 @@ def test_the_demo_runs_through_the_code_location(demo: Demo) -> None:
 
 @pytest.mark.timeout(900)
 def test_after_make_demo_in_the_browser(demo: Demo, ui: str, page, screenshots: Screenshots, instance):
-    try:
+    with screenshots.kept(page):
         materialize_new_shard(page, ui, screenshots, instance, demo)
         tar = demo.data / "images" / f"{DAMAGED_SHARD}.tar"
         os.truncate(tar, tar.stat().st_size // 2 + 100)  # off a 512-byte boundary: mid-member, unreadable
         audit_from_launchpad(page, ui, screenshots, instance)
         materialize_report(page, ui, screenshots, instance, demo)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            screenshots.take(page, "failure")
-        raise
-    finally:
-        print(f"screenshots in {screenshots.folder}: {', '.join(screenshots.taken)}")
 
     shots = screenshots.folder.resolve()
     stray = {p for p in _stray_paths() - demo.stray_before if not (REPO / p).resolve().is_relative_to(shots)}
     assert not stray, f"files appeared in the repo, outside the demo's workdir: {sorted(stray)}"
+
+
+FED_SHARDS = 6
+FALSE_ALARMS = re.compile(r"was canceled|failed, and did not materialize|did not materialize this asset")
+
+
+@pytest.mark.timeout(900)
+def test_a_fed_backfill_reads_true_in_the_browser(
+    tmp_path, image_server, tiny_checkpoint, pg_url, chromium, screenshots: Screenshots
+):
+    """The UI's whole-graph backfill over 6 shards on the production instance (PostgreSQL, daemon, pools of
+    one slot), one encoder run fed the shards as their tars landed. What the pages then say must be what
+    happened: each fed partition *Materialized* with no "was canceled, and did not materialize" banner; no
+    red (cancelled or failed) run in the backfill's run list; a queued run the fed run covered ended
+    successfully and its page says which run encoded its shards."""
+    import dagster as dg
+
+    from laion_vq.dagster_internals import BACKFILL_ID_TAG
+    from laion_vq.defs.feeding import ENCODED_BY_TAG, FED_TAG, run_partition_keys
+    from laion_vq.testing.dagster_services import dagster_services
+
+    from .conftest import tiny_backfill_env
+
+    keys = [f"{i:05d}" for i in range(FED_SHARDS)]
+    # the fed run looks for new tars every 10 s: the backfill daemon requests runs for some of them first,
+    # queued behind the GPU slot, and the fed run must then end them without a false alarm
+    env = tiny_backfill_env(
+        tmp_path, image_server, tiny_checkpoint, FED_SHARDS, 3, LAION_VQ_ENCODE_FEED_POLL_SECONDS="10"
+    )
+    with dagster_services(tmp_path / "dagster_home", pg_url, env=env) as services, services.instance() as instance:
+        instance.event_log_storage.set_concurrency_slots("download", 1)
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+        backfill_id = services.launch_backfill(SHARD_ASSETS, keys)
+        assert services.wait_for_backfill(backfill_id, timeout=800) == "COMPLETED_SUCCESS"
+        runs = list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})))
+        summary = [(r.dagster_run.run_id[:8], r.dagster_run.status.value, dict(r.dagster_run.tags)) for r in runs]
+        assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs), summary
+        encoders = [
+            r.dagster_run for r in runs if set(r.dagster_run.asset_selection or []) == {dg.AssetKey("code_parquets")}
+        ]
+        fed_runs = [r for r in encoders if FED_TAG in r.tags and r.tags[FED_TAG][0].isdigit()]
+        assert fed_runs, summary  # one run took shards beyond its own range, and its tag says how many
+        closed = [r for r in encoders if ENCODED_BY_TAG in r.tags]
+        # the page to show: a partition whose queued run was covered (where a false banner would be), else the last
+        shown = next(iter(run_partition_keys(closed[0].tags)), keys[-1]) if closed else keys[-1]
+        codes = {
+            r.partition_key: r.run_id
+            for r in instance.fetch_materializations(dg.AssetKey("code_parquets"), limit=100).records
+        }
+        assert sorted(codes) == keys, codes
+
+        with _chromium_page(chromium) as page, screenshots.kept(page, lambda: f"; {len(closed)} covered run(s)"):
+            base = services.url
+            # every partition: materialized, and no banner about a run that did not materialize it
+            for key in keys:
+                page.goto(f"{base}/assets/code_parquets?view=partitions&partition={key}")
+                page.get_by_text("Materialized", exact=True).first.wait_for()
+                page.get_by_text(codes[key][:8]).first.wait_for()  # the materialization's run has loaded
+                if key == shown:
+                    screenshots.take(page, f"fed_partition_{key}")
+                assert page.get_by_text(FALSE_ALARMS).count() == 0, f"partition {key}: a false banner"
+            page.goto(f"{base}/runs/b/{backfill_id}?tab=runs")
+            page.get_by_text("Success", exact=True).first.wait_for()
+            screenshots.take(page, "fed_backfill_runs")
+            assert page.get_by_text(re.compile(r"^(Canceled|Failure)$")).count() == 0
+            for run in closed:  # a run the fed run covered: green, and it says why it did nothing
+                page.goto(f"{base}/runs/{run.run_id}")
+                page.get_by_text(f"encoded by run {run.tags[ENCODED_BY_TAG]}").first.wait_for()
+                if run is closed[0]:
+                    screenshots.take(page, "fed_backfill_covered_run")

@@ -77,6 +77,21 @@ def _refused_tar(key: str, failed_tars: dict[str, str]) -> CorruptShardError:
     )
 
 
+def fed_summary(feed: BackfillFeed, backfill_id: str, own: int) -> str:
+    """What a fed run did beyond its own shards, naming the shards it left to their own runs and why."""
+    text = (
+        f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {own}; "
+        f"{len(feed.closed_runs)} queued run(s) of those shards ended without work"
+    )
+    if feed.corrupt:
+        corrupt = "; ".join(f"{k} ({why})" for k, why in sorted(feed.corrupt.items())[:20])
+        text += f"; not fed, their tar check failed (each fails in its own run): {corrupt}"
+    if feed.excluded_seen:
+        excluded = ", ".join(sorted(feed.excluded_seen))
+        text += f"; not fed, on the exclusion list (each recorded by its own run): {excluded}"
+    return text
+
+
 def _record_at_end(
     context: dg.AssetExecutionContext,
     run: CodeRun,
@@ -135,9 +150,13 @@ def _record_each(
                 context.log_event(evaluation)
 
     already = [k for k in keys if feed.is_done(k)]
-    if already:
-        context.log.info(f"{len(already)} shard(s) already encoded in this backfill (a retried run): {already[:20]}")
     parent = context.run.parent_run_id  # a retry: what its parent recorded, fed shards included, may be unchecked
+    if already:
+        context.log.info(
+            f"{len(already)} shard(s) of this run already encoded in this backfill"
+            + (f" (this run retries {parent}, which recorded them)" if parent else " by another of its runs")
+            + f", not encoded again: {', '.join(already[:20])}"
+        )
     check_again(sorted({*already, *(recorded_by(context.instance, parent) if parent else [])}))
     failures: dict[str, str] = {}
     disk_full: list[str] = []  # where: a fault only an operator can clear
@@ -153,10 +172,10 @@ def _record_each(
             error = _refused_tar(key, failed_tars)
             failures[key] = f"{type(error).__name__}: {error}"
     own = [k for k in keys if k not in already and k not in excluded and k not in failed_tars]
-    # Recording (the events, the two checks reading the parquet back, cancelling covered runs) happens on a
+    # Recording (the events, the two checks reading the parquet back, closing covered runs) happens on a
     # thread of its own: in this thread it would hold the next batch back from the GPU.
     recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laion-vq-record")
-    last_cancel = [time.monotonic()]
+    last_close = [time.monotonic()]
     recorded = [0]
 
     def record(key: str, meta: dict) -> None:
@@ -166,9 +185,9 @@ def _record_each(
         recorded[0] += 1
         where = "fed" if key in feed.fed else f"{recorded[0]}/{len(own)}"
         context.log.info(f"shard {key} done ({where})")
-        if time.monotonic() - last_cancel[0] >= 10.0:
-            check_again(feed.cancel_covered_runs())
-            last_cancel[0] = time.monotonic()
+        if time.monotonic() - last_close[0] >= 10.0:
+            check_again(feed.close_covered_runs())
+            last_close[0] = time.monotonic()
 
     pending: list[Future] = []
     try:
@@ -189,12 +208,9 @@ def _record_each(
         recorder.shutdown(wait=True)
     for future in pending:
         future.result()
-    check_again(feed.cancel_covered_runs())
-    if feed.fed:
-        context.log.info(
-            f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {len(own)}; "
-            f"cancelled {len(feed.cancelled_runs)} queued duplicate run(s)"
-        )
+    check_again(feed.close_covered_runs())
+    if feed.fed or feed.corrupt or feed.excluded_seen:
+        context.log.info(fed_summary(feed, backfill_id, len(own)))
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} shard(s) failed: "

@@ -5,12 +5,13 @@ tick, so without feeding it cuts the encoder into many small runs, each paying p
 model load. A fed run encodes its own partitions, then keeps its model loaded and takes the backfill's other
 `code_parquets` partitions as their tars land and pass `image_tars_complete`, recording each on its own
 partition, until none is left to come, the backfill ends, or no tar landed for `idle_seconds`. Runs the
-backfill daemon queued meanwhile for shards this run already encoded are cancelled, tagged `ENCODED_BY_TAG`;
-a queued run keeps any shard this run did not take (a failed tar check, an excluded shard) and fails or skips
-it visibly, as before.
+backfill daemon queued meanwhile for shards this run already encoded end successfully without starting, their
+log naming this run, tagged `ENCODED_BY_TAG` (`close_covered_runs`); a queued run keeps any shard this run did
+not take (a failed tar check, an excluded shard) and fails or skips it visibly, as before. A tar whose check
+only warned (a low success rate) is fed like any other.
 
 What the backfill sees: it counts a partition materialized by any run carrying its tag, so it never requests a
-fed partition again, and a cancelled run whose partitions were all encoded is no failure.
+fed partition again, and a covered run that ended without work is no failure.
 
 A fed run lives as long as its backfill's downloads (days at 10,000 shards), but run monitoring fails any run
 older than its maximum runtime (`max_runtime_seconds`, 12 h, or the run's `dagster/max_runtime` tag), and
@@ -40,9 +41,9 @@ from laion_vq.defs.check_state import IMAGES_CHECK, latest_results
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.shards.numbering import parse_shard_key
 
-#: On a queued run cancelled because a fed run encoded all its shards: that run's id.
+#: On a queued run ended without work because a fed run encoded all its shards: that run's id.
 ENCODED_BY_TAG = "laion_vq/encoded_by"
-#: On a fed run, once it goes beyond its own shards (seen in the Runs table of the backfill's page).
+#: On a fed run, once it goes beyond its own shards: then how many it encoded, own and fed (the Runs table).
 FED_TAG = "laion_vq/fed"
 
 IMAGES_KEY = IMAGES_CHECK.asset_key
@@ -99,7 +100,9 @@ class BackfillFeed:
         self._backfill_live = True
         self._backfill_read_at = 0.0
         self.fed: list[str] = []
-        self.cancelled_runs: list[str] = []
+        self.corrupt: dict[str, str] = {}  # shard → why its tar check failed: not fed, its own run reports it
+        self.excluded_seen: set[str] = set()  # excluded shards that landed: their own run records the exclusion
+        self.closed_runs: list[str] = []
         self.handover_share = handover
         self.max_runtime, self.handover_at = handover_time(self.instance, self.run_id, handover)
         self.handed_over = False
@@ -190,6 +193,7 @@ class BackfillFeed:
         landed = sorted(k for k in pending if k in self._tar_in_backfill)
         for key in [k for k in landed if k in self.excluded]:  # left to the backfill's own run to record
             self._given_up.add(key)
+            self.excluded_seen.add(key)
         landed = [k for k in landed if k not in self.excluded]
         if not landed:
             return []
@@ -199,10 +203,11 @@ class BackfillFeed:
             result = results.get(key)
             if result is None or not result.current:
                 continue  # its check has not run on this tar yet
-            if result.passed:
+            if result.passed or result.severity != "ERROR":  # a WARN (a low success rate) is no corruption
                 ready.append(key)
             else:
                 self._given_up.add(key)  # the backfill's own run for it reports the failure
+                self.corrupt[key] = f"{result.reason}: {result.detail}"
         return ready
 
     def shards(self, own: Sequence[str]) -> Iterator[int]:
@@ -228,7 +233,6 @@ class BackfillFeed:
                 return
             if not announced:
                 self.log(f"feeding: {len(pending)} shard(s) of backfill {self.backfill_id} may still come")
-                self.instance.add_run_tags(self.run_id, {FED_TAG: "takes the backfill's shards as their tars land"})
                 announced = True
             ready = self._ready(pending)
             if ready:
@@ -237,6 +241,8 @@ class BackfillFeed:
                     with self._lock:
                         self._taken.add(key)
                     self.fed.append(key)
+                    if len(self.fed) == 1:
+                        self.tag_progress()
                     yield parse_shard_key(key)
                 continue
             if time.monotonic() - idle_since >= self.idle_seconds:
@@ -249,30 +255,70 @@ class BackfillFeed:
 
     # -- the backfill's duplicate runs ---------------------------------------------------------------------------
 
-    def cancel_covered_runs(self) -> list[str]:
-        """Cancel the backfill's queued encoder runs whose every shard this backfill has encoded; returns those
-        runs' shards."""
+    def close_covered_runs(self) -> list[str]:
+        """End, successfully and without starting, the backfill's queued encoder runs whose every shard this
+        backfill has encoded (by this run, fed); returns those runs' shards.
+
+        Cancelled instead, each would be a red bar on the backfill's timeline and, as the latest run planned
+        for its partitions, an orange "was canceled, and did not materialize this asset" banner on partitions
+        that are materialized. Ended successfully, its log says which run encoded its shards and it is tagged
+        `ENCODED_BY_TAG`; Dagster's own cancel has the same window against the queue's dequeuer, and a run
+        dequeued in it finds its shards done (`is_done`) and encodes nothing."""
         self.refresh()
         queued = self.instance.get_runs(
             filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}, statuses=[dg.DagsterRunStatus.QUEUED])
         )
-        cancelled, covered = [], []
+        closed, covered = [], []
         for run in queued:
             if run.asset_selection is None or set(run.asset_selection) != {CODES_KEY}:
                 continue
             keys = run_partition_keys(run.tags)
             if not keys or not all(self.is_done(k) for k in keys):
                 continue
-            self.instance.add_run_tags(run.run_id, {ENCODED_BY_TAG: self.run_id})
-            if self.instance.run_coordinator.cancel_run(run.run_id):
-                cancelled.append(run.run_id)
-                covered += keys
-                if run.parent_run_id:  # a killed run's retry: the shards its parent fed may be unchecked too
-                    covered += recorded_by(self.instance, run.parent_run_id)
-        if cancelled:
-            self.log(f"cancelled {len(cancelled)} queued encoder run(s) whose shards this run encoded: {cancelled}")
-        self.cancelled_runs += cancelled
+            if not self._close(run, keys):
+                continue
+            closed.append(run.run_id)
+            covered += keys
+            if run.parent_run_id:  # a killed run's retry: the shards its parent fed may be unchecked too
+                covered += recorded_by(self.instance, run.parent_run_id)
+        if closed:
+            self.log(f"ended {len(closed)} queued encoder run(s) without work, their shards encoded here: {closed}")
+        self.closed_runs += closed
+        self.tag_progress()
         return covered
+
+    def _close(self, run: dg.DagsterRun, keys: list[str]) -> bool:
+        """A queued run whose shards are all encoded ends SUCCESS with a log line saying by which run."""
+        current = self.instance.get_run_by_id(run.run_id)
+        if current is None or current.status != dg.DagsterRunStatus.QUEUED:  # the queue took it meanwhile
+            return False
+        self.instance.add_run_tags(run.run_id, {ENCODED_BY_TAG: self.run_id})
+        shards = ", ".join(keys) if len(keys) <= 8 else f"{keys[0]}…{keys[-1]} ({len(keys)})"
+        message = (
+            f"Nothing left to do: shard(s) {shards} were encoded by run {self.run_id} of backfill {self.backfill_id}, "
+            "which takes the backfill's shards as their tars land (one model load for many shards). This run "
+            "ends successfully without starting; each partition's page shows the materialization by that run."
+        )
+        self.instance.report_engine_event(message, current)
+        done = f"Finished without work: its shards were encoded by run {self.run_id}."
+        self.instance.report_dagster_event(
+            dg.DagsterEvent(
+                event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name=current.job_name, message=done
+            ),
+            run_id=run.run_id,
+        )
+        return True
+
+    def tag_progress(self) -> None:
+        """The run's `FED_TAG`: what it encoded beyond the partition range it was launched for (the range tags
+        Dagster shows stay the run's own; run retries re-plan from them)."""
+        if not self.fed:
+            return
+        keys = sorted({*self.own, *self.fed})
+        self.instance.add_run_tags(
+            self.run_id,
+            {FED_TAG: f"{len(keys)} shards {keys[0]}–{keys[-1]}: {len(self.own)} own + {len(self.fed)} fed"},
+        )
 
 
 def recorded_by(instance: dg.DagsterInstance, run_id: str) -> list[str]:

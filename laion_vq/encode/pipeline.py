@@ -87,6 +87,17 @@ class PipelineStats:
             "cpu_decode_fallbacks": dict(self.cpu_fallbacks),
         }
 
+    def describe(self) -> str:
+        """`as_metadata` as a sentence, for the run's log."""
+        m = self.as_metadata()
+        fallbacks = ", ".join(f"{n} {why}" for why, n in m["cpu_decode_fallbacks"].items()) or "none"
+        return (
+            f"{self.images} images in {self.shards} shard(s) at {m['images_per_second']} images/s; encoder idle "
+            f"{m['encoder_idle_share']:.1%} of its working time, {m['waiting_for_shards_seconds']} s waiting for "
+            f"shards; batch {m['batch_size']}, {m['oom_retries']} out-of-memory retries, compile "
+            f"{m['compile_seconds']} s; {m['gpu_decoded']} decoded on the GPU, CPU decode fallbacks: {fallbacks}"
+        )
+
 
 @dataclass
 class _Start:
@@ -331,7 +342,8 @@ class EncodePipeline:
                             submitted = time.perf_counter() - t1
                             collect()  # the previous batch's codes, while this one runs
                             inflight = (acc, pending, batch, submitted)
-                    self.progress(acc.progress())
+                    if acc.keys:  # not "0 encoded" while the shard's first batch is still on the encoder
+                        self.progress(acc.progress())
                 elif isinstance(msg, _End):
                     collect()
                     self.stats.shards += 1

@@ -175,5 +175,5 @@ def code_parquets(
         try:
             yield from record_code_shards(context, run, metadata, excluded=excluded, failed_tars=failed_tars)
         finally:
-            context.log.info(f"pipeline: {run.stats.as_metadata()}")
+            context.log.info(f"pipeline: {run.stats.describe()}")
     context.log.info(run.summary(time.perf_counter() - started))
