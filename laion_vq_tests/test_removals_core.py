@@ -25,6 +25,7 @@ from laion_vq.removals import (
     plan_removals,
     read_ledger,
     read_removal_lists,
+    removed_keys,
 )
 from laion_vq.removals import apply as apply_module
 from laion_vq.removals import lists as lists_module
@@ -233,12 +234,18 @@ def test_malformed_parquet_row_and_columns():
         parse_removal_list(b"url,reason\nhttps://a.example/x,r\n", "t.csv")
 
 
-def test_one_bad_list_stops_everything(layout):
+def test_a_bad_list_contributes_nothing_and_the_others_apply_fully(layout):
+    good = plan_removals(layout)
     publish_bytes(
         b"key,reason,date\n000010001,fine,2024-01-01\n000010002,bad,yesterday\n", f"{layout.root}/removals/z.csv"
     )
-    with pytest.raises(RemovalListError, match="z.csv: line 3"):
-        plan_removals(layout)
+    plan = plan_removals(layout)
+    # z.csv's valid first row is not planned either: no shard is judged against half a list
+    assert plan.shards == good.shards and [lst.name for lst in plan.lists] == [lst.name for lst in good.lists]
+    assert [b.name for b in plan.broken] == ["z.csv"] and "z.csv: line 3" in plan.broken[0].error
+    assert "date 'yesterday'" in plan.broken[0].error
+    with pytest.raises(RemovalListError, match="z.csv: line 3"):  # the download's reader still refuses to act
+        read_removal_lists(layout)
 
 
 # --- planning --------------------------------------------------------------------------------------------
@@ -350,6 +357,29 @@ def test_apply_removes_everywhere_and_leaves_the_rest(layout):
     assert apply_plan(layout, again) == []
     assert {shard: snapshot(layout, shard) for shard in range(SHARDS)} == after
     assert read_ledger(layout).height == 7
+
+
+def test_removed_keys_name_their_list_and_reason(layout):
+    lists = read_removal_lists(layout)
+    # shard 1's listed row withheld at download: in no ledger, its list is found by matching the row (by url)
+    status = pq.read_table(io.BytesIO(read_bytes(layout.image_status(1))))
+    withheld = apply_module.removed_status(status, {"000010002": "takedown 17: photographer"})
+    buffer = io.BytesIO()
+    pq.write_table(withheld, buffer)
+    publish_bytes(buffer.getvalue(), layout.image_status(1))
+    apply_plan(layout, plan_removals(layout, lists), NOW)
+    assert [(r.key, r.list_name, r.reason) for r in removed_keys(layout, "00001", lists)] == [
+        ("000010002", "takedowns.csv", "takedown 17: photographer")
+    ]
+    assert [(r.key, r.list_name, r.reason) for r in removed_keys(layout, "00006", lists)] == [
+        ("000060000", "takedowns.csv", "takedown 18"),
+        ("000060001", "hashes.parquet", "hash list A"),
+        ("000060002", "hashes.parquet", "hash list A"),
+        ("000060004", "hashes.parquet", "hash list A"),
+    ]
+    assert removed_keys(layout, "00000", lists) == []
+    # a list deleted since: the reason stays, no list is named
+    assert [r.list_name for r in removed_keys(layout, "00001", [])] == [None]
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,8 @@ def test_columns_in_documented_order():
     ]
     assert columns == [
         "shard", "excluded", "excluded_reason", "metadata_rows", "image_rows", "successes", "success_rate",
-        "tar_bytes", "removed", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *per_check,
+        "tar_bytes", "removed", "filtered", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256",
+        *per_check,
         "corrupted", "warned", "corrupted_by", "reason", "detail", "corrupted_since",
     ]  # fmt: skip
 
@@ -244,6 +245,7 @@ def test_summary_markdown():
     assert f"| 00001 | {TARS} | image hash mismatch | 1970-01-01T00:08:20Z |" in text
     assert "- `00001`: first bad key 000010003 \\| x" in text  # the long detail in a list, where it wraps
     assert f"- `00005`: tar truncated at the source (failing: {TARS})" in text and "- `00008`: never made\n" in text
+    assert "**Warned shards** (quality, not corruption: encoded like the rest)\n\n- `00003`: 20%\n" in text
     assert "… and 2 more" in summary_markdown(report, limit=1)
 
 

@@ -401,6 +401,79 @@ def audit_from_launchpad(page, base: str, shots: Screenshots, instance) -> None:
     shots.take(page, "check_image_tars_complete")
 
 
+TAKEDOWN_SHARD = "00000"  # intact in the demo: two of its images are taken down
+TAKEDOWN_REASON = "takedown request 77"
+
+
+def _statuses(demo: Demo, shard: str) -> list[str]:
+    table = pq.read_table(demo.data / "images" / f"{shard}.parquet", columns=["status"])
+    return table.column("status").to_pylist()
+
+
+def _metadata_row(page, name: str) -> str:
+    """The text of one row of the partition page's metadata table."""
+    row = page.locator("tr").filter(has=page.get_by_text(name, exact=True)).first
+    row.wait_for()
+    return row.inner_text()
+
+
+def apply_takedown_from_launchpad(page, base: str, shots: Screenshots, instance, demo: Demo) -> list[str]:
+    """A takedown list for two images of 00000 (and a list with a misspelt column beside it) → Jobs →
+    apply_removals → Launch Run; the partition page of 00000 then counts what its files hold and names each
+    removed key's list and reason; `removal_lists_parse` names the bad list. Returns the removed keys."""
+    import dagster as dg
+
+    status = pq.read_table(demo.data / "images" / f"{TAKEDOWN_SHARD}.parquet", columns=["key", "status"])
+    taken = [k for k, s in zip(status["key"].to_pylist(), status["status"].to_pylist(), strict=True) if s == "success"]
+    taken = taken[:2]
+    removals = demo.data / "removals"
+    removals.mkdir(exist_ok=True)
+    (removals / "takedown.csv").write_text(
+        "key,reason,date\n" + "".join(f"{k},{TAKEDOWN_REASON},2026-12-01\n" for k in taken)
+    )
+    (removals / "bad.csv").write_text("key,reasn,date\n000000000,typo,2026-12-01\n")
+
+    page.goto(base)
+    page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
+    page.get_by_text("apply_removals", exact=True).click()
+    page.get_by_role("tab", name="Launchpad").click()
+    since = datetime.now(UTC)
+    page.get_by_role("button", name="Launch Run").click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+    run = _wait_for(
+        lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r, 300, f"apply_removals {run_id} to end"
+    )
+    assert run.status == dg.DagsterRunStatus.SUCCESS, _runs_summary(instance, since)  # bad.csv holds nothing up
+    assert _statuses(demo, TAKEDOWN_SHARD).count("removed") == len(taken)
+
+    # the partition page: the counts the files hold, and each removed key's list and reason
+    rows = pq.ParquetFile(demo.data / "codes" / MODEL / f"{TAKEDOWN_SHARD}.parquet").metadata.num_rows
+    page.goto(f"{base}/assets/code_parquets?view=partitions&partition={TAKEDOWN_SHARD}")
+    page.get_by_text("Materialized", exact=True).first.wait_for()
+    page.get_by_text(run_id[:8]).first.wait_for()  # the apply's materialization is the latest
+    assert re.search(rf"^encoded\s+{rows}$", _metadata_row(page, "encoded").strip()), _metadata_row(page, "encoded")
+    assert re.search(rf"\s{rows}$", _metadata_row(page, "dagster/row_count").strip())
+    removed_items = _metadata_row(page, "removed_items")
+    assert TAKEDOWN_REASON in removed_items and "takedown.csv" in removed_items, removed_items
+    shots.take(page, f"code_parquets_{TAKEDOWN_SHARD}_after_takedown")
+
+    page.goto(f"{base}/assets/removal_lists?view=checks")
+    page.get_by_text("removal_lists_parse").first.wait_for()
+    shots.take(page, "removal_lists_checks")
+    [check] = [
+        e
+        for e in instance.get_records_for_run(run_id).records
+        if e.event_log_entry.dagster_event
+        and e.event_log_entry.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_log_entry.dagster_event.event_specific_data.check_name == "removal_lists_parse"
+    ]
+    evaluation = check.event_log_entry.dagster_event.event_specific_data
+    assert not evaluation.passed and "bad.csv" in evaluation.description
+    (removals / "bad.csv").unlink()  # the operator fixes the typo: downloads refuse to run beside it
+    return taken
+
+
 def materialize_report(page, base: str, shots: Screenshots, instance, demo: Demo) -> None:
     """The report's page → *Materialize*; the report names 00001 corrupted and the dataset card is rewritten
     with the new shard."""
@@ -424,6 +497,24 @@ def materialize_report(page, base: str, shots: Screenshots, instance, demo: Demo
         return bool(latest) and latest[0].storage_id > before_id
 
     _wait_for(done, 300, "a new corrupted_shards_report materialization", lambda: _runs_summary(instance, since))
+
+    # the report and the card count what the files hold: removed rows, downloads, codes
+    files = {"removed": 0, "downloaded": 0, "codes": 0}
+    for shard in ("00000", DAMAGED_SHARD, NEW_SHARD):
+        statuses = _statuses(demo, shard)
+        files["removed"] += statuses.count("removed")
+        files["downloaded"] += statuses.count("success")
+    files["codes"] = sum(pq.ParquetFile(p).metadata.num_rows for p in (demo.data / "codes" / MODEL).glob("*.parquet"))
+    report = {
+        k: v.value
+        for k, v in instance.fetch_materializations(report_key, limit=1)
+        .records[0]
+        .asset_materialization.metadata.items()
+    }
+    assert report["images_removed"] == files["removed"] == 2, (report, files)
+    assert report["images_downloaded"] == files["downloaded"], (report, files)
+    assert report["codes"] == files["codes"] <= files["downloaded"], (report, files)  # the footers' rows
+    assert f"{files['removed']} item(s) were removed" in card.read_text()
 
     reports = sorted(p.name for p in (demo.data / "reports").iterdir())
     assert "corrupted_shards.parquet" in reports, reports
@@ -474,6 +565,7 @@ def test_after_make_demo_in_the_browser(demo: Demo, ui: str, page, screenshots: 
         tar = demo.data / "images" / f"{DAMAGED_SHARD}.tar"
         os.truncate(tar, tar.stat().st_size // 2 + 100)  # off a 512-byte boundary: mid-member, unreadable
         audit_from_launchpad(page, ui, screenshots, instance)
+        apply_takedown_from_launchpad(page, ui, screenshots, instance, demo)
         materialize_report(page, ui, screenshots, instance, demo)
 
     shots = screenshots.folder.resolve()

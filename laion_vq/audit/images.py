@@ -4,10 +4,9 @@ download. A success rate under the floor is a WARN: dead links are normal on LAI
 kept ~50–90 %), a shard at 5 % usually means a network problem worth a retry.
 
 Rows with status `removed` (taken out by a removal list: never requested, or dropped by image hash) have
-no tar sample; one found in the tar is an ERROR of its own. The reported `success_rate` stays successes /
-rows (what the tar holds of the metadata), but the floor judges the download, so it is applied to
-successes / (rows − removed): rows a removal list took out were never requested, so they say nothing
-about the network."""
+no tar sample; one found in the tar is an ERROR of its own. The reported `success_rate`, and the floor, are
+over the rows still subject to download (`shards.schema.success_rate`): rows a removal list or the filter
+took out were never requested, or are gone by choice, so they say nothing about the network."""
 
 from __future__ import annotations
 
@@ -20,16 +19,14 @@ import pyarrow.parquet as pq
 
 from laion_vq.audit.verdict import Problem, ShardVerdict, first_keys
 from laion_vq.shards.numbering import parse_shard_key
+from laion_vq.shards.schema import FILTERED_STATUS as FILTERED
+from laion_vq.shards.schema import REMOVED_STATUS as REMOVED
+from laion_vq.shards.schema import success_rate
 from laion_vq.shards.storage import StorageLayout, exists, read_bytes, size
 from laion_vq.shards.tar_reader import CorruptShardError, iter_samples
 
 #: Below this a shard's download is flagged (WARN) as worth a retry.
 MIN_SUCCESS_RATE = 0.3
-#: The status of a row a removal list took out (`laion_vq.download.shard_files.STATUSES`; not imported, so
-#: the audit does not need the downloader's dependencies).
-REMOVED = "removed"
-#: The status of a row the metadata's filter rejected (never requested).
-FILTERED = "filtered"
 
 
 def tar_problems(tar_url: str, status: pa.Table) -> list[Problem]:
@@ -89,7 +86,10 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
     successes = statuses.count("success")
     removed = statuses.count(REMOVED)
     filtered = statuses.count(FILTERED)
-    verdict.counts.update(rows=rows, successes=successes, success_rate=round(successes / rows, 4) if rows else 0.0)
+    rate = success_rate(successes, rows, removed, filtered)
+    verdict.counts.update(rows=rows, successes=successes)
+    if rate is not None:  # none when no row was left to download
+        verdict.counts.update(success_rate=round(rate, 4))
     if removed:
         verdict.counts.update(removed=removed)
     if filtered:
@@ -117,11 +117,11 @@ def audit_image_shard(layout: StorageLayout, key: str, min_success_rate: float =
             )
     else:
         verdict.error("stats json missing", f"{layout.image_stats(shard)} does not exist")
-    requested = rows - removed - filtered  # not failures: the floor judges the rows requested
-    if requested and successes / requested < min_success_rate:
+    requested = rows - removed - filtered
+    if rate is not None and rate < min_success_rate:
         verdict.warn(
             "low success rate",
-            f"success rate {successes / requested:.1%} below {min_success_rate:.0%} ({successes}/{requested}"
+            f"success rate {rate:.1%} below {min_success_rate:.0%} ({successes}/{requested}"
             + (f" requested, {removed + filtered} removed or filtered)" if removed + filtered else ")"),
         )
     return verdict

@@ -20,6 +20,8 @@ CODES_CHECK = dg.AssetCheckKey(dg.AssetKey("code_parquets"), "code_parquets_cont
 REMOVED_IMAGES_CHECK = dg.AssetCheckKey(dg.AssetKey("image_tars"), "no_removed_items")
 REMOVED_CODES_CHECK = dg.AssetCheckKey(dg.AssetKey("code_parquets"), "no_removed_items")
 SHARD_CHECK_KEYS = (METADATA_CHECK, IMAGES_CHECK, CODES_CHECK, REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK)
+#: Not a shard check: every list under `removals/` parses (a list that does not is applied nowhere).
+LISTS_PARSE_CHECK = dg.AssetCheckKey(dg.AssetKey("removal_lists"), "removal_lists_parse")
 
 
 def check_label(check: dg.AssetCheckKey) -> str:

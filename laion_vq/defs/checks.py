@@ -253,14 +253,11 @@ def code_parquets_contract(
 
 
 def listed_keys_by_shard(layout: StorageLayout) -> dict[str, set[str]]:
-    """Keys the removal lists name that are not removed yet, per shard: one plan over every status parquet.
-    A list that does not parse fails the step (no shard is judged against half a list)."""
-    from laion_vq.removals import RemovalListError, plan_removals
+    """Keys the removal lists name that are not removed yet, per shard: one plan over every status parquet. A
+    list that does not parse contributes nothing (it fails `removal_lists_parse`); the others count in full."""
+    from laion_vq.removals import plan_removals
 
-    try:
-        plan = plan_removals(layout)
-    except RemovalListError as err:
-        raise dg.Failure(description=f"{err}; fix the list, then audit again") from err
+    plan = plan_removals(layout)
     return {shard: {m.key for m in matches} for shard, matches in plan.shards.items()}
 
 

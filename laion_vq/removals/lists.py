@@ -13,8 +13,10 @@ subdomains), `sample_id` (the metadata's SAMPLE_ID), `key` (our shard key, `0001
 (the original download's `sha256` or the stored JPEG's `jpg_sha256`); `reason` and `date` (YYYY-MM-DD)
 are required. Only identifier columns, `reason` and `date` may appear, so a misspelt column is an error and
 never an item silently ignored. A malformed row is a `RemovalListError` naming the file and the line (CSV)
-or row (parquet): nothing is applied from a list that does not parse. `removals/applied.parquet` beside
-them is the ledger of what was removed (`read_ledger`, `append_ledger`), not a list.
+or row (parquet): nothing is applied from a list that does not parse, and the other lists are applied in
+full (`read_lists_skipping_broken`), so a typo in one list never holds up another's takedown and no shard is
+judged against half a list. `removals/applied.parquet` beside them is the ledger of what was removed
+(`read_ledger`, `append_ledger`), not a list.
 
 What Re-LAION publishes (checked from secondary reports of LAION's announcement, laion.ai/blog/relaion-5b,
 30 Aug 2024; the post itself could not be read from here): 2,236 links were removed after matching LAION-5B
@@ -246,20 +248,41 @@ def ledger_url(layout: StorageLayout) -> str:
     return f"{lists_dir(layout)}/{LEDGER_NAME}"
 
 
-def read_removal_lists(layout: StorageLayout) -> list[RemovalList]:
-    """Every list under `removals/` (CSV or parquet, by file name), parsed; none when the folder is missing."""
+@dataclass(frozen=True)
+class BrokenList:
+    """A list under `removals/` that does not parse: its file name and the error, naming the file and line."""
+
+    name: str
+    error: str
+
+
+def read_lists_skipping_broken(layout: StorageLayout) -> tuple[list[RemovalList], list[BrokenList]]:
+    """Every list under `removals/` (CSV or parquet, by file name): those that parse, and those that do not,
+    which contribute nothing (all of a list or none of it); none when the folder is missing."""
     fs, path = filesystem(lists_dir(layout))
     if not fs.exists(path):
-        return []
+        return [], []
     names = sorted(
         p.rsplit("/", 1)[-1]
         for p in fs.ls(path, detail=False, refresh=True)  # s3fs would answer from its listing cache
         if p.endswith(SUFFIXES) and TMP_MARKER not in p and not p.endswith("/" + LEDGER_NAME)
     )
-    lists = []
+    lists, broken = [], []
     for name in names:
         url = f"{lists_dir(layout)}/{name}"
-        lists.append(parse_removal_list(read_bytes(url), name, source=url))
+        try:
+            lists.append(parse_removal_list(read_bytes(url), name, source=url))
+        except RemovalListError as err:
+            broken.append(BrokenList(name, str(err)))
+    return lists, broken
+
+
+def read_removal_lists(layout: StorageLayout) -> list[RemovalList]:
+    """Every list under `removals/`, parsed; the first that does not parse raises RemovalListError (for a
+    reader that must not act on fewer lists than there are, such as the download)."""
+    lists, broken = read_lists_skipping_broken(layout)
+    if broken:
+        raise RemovalListError(broken[0].error)
     return lists
 
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from laion_vq.removals.lists import IDENTIFIERS, RemovalItem, RemovalList, read_ledger, read_removal_lists
+from laion_vq.removals.lists import (
+    IDENTIFIERS,
+    BrokenList,
+    RemovalItem,
+    RemovalList,
+    read_ledger,
+    read_lists_skipping_broken,
+)
 from laion_vq.shards.object_store import s3_client_config
 from laion_vq.shards.schema import REMOVED_STATUS
 from laion_vq.shards.storage import StorageLayout, filesystem
@@ -56,9 +63,11 @@ class Match:
 @dataclass
 class RemovalPlan:
     """`shards`: shard → matches still to apply, sorted by key (a key may be named by several items);
-    `already_removed`: items whose rows are all removed; `unmatched`: items no status row matches."""
+    `already_removed`: items whose rows are all removed; `unmatched`: items no status row matches;
+    `broken`: lists that do not parse, left out of the plan whole."""
 
     lists: tuple[RemovalList, ...]
+    broken: tuple[BrokenList, ...] = ()
     shards: dict[str, tuple[Match, ...]] = field(default_factory=dict)
     already_removed: tuple[RemovalItem, ...] = ()
     unmatched: tuple[RemovalItem, ...] = ()
@@ -180,10 +189,13 @@ def _ledger_items(layout: StorageLayout) -> set[tuple[str, str]]:
 
 
 def plan_removals(layout: StorageLayout, lists: list[RemovalList] | None = None) -> RemovalPlan:
-    """Match every list's items against every status parquet under `images/` (local or s3://)."""
-    lists = read_removal_lists(layout) if lists is None else lists
+    """Match every list's items against every status parquet under `images/` (local or s3://). Without
+    `lists`, every list under `removals/` that parses; those that do not are the plan's `broken`."""
+    broken: list[BrokenList] = []
+    if lists is None:
+        lists, broken = read_lists_skipping_broken(layout)
     items = [item for lst in lists for item in lst.items]
-    plan = RemovalPlan(lists=tuple(lists))
+    plan = RemovalPlan(lists=tuple(lists), broken=tuple(broken))
     if not items:
         return plan
     matched = _join(_scan(layout, items), _items_frame(items))

@@ -19,6 +19,7 @@ import yaml
 
 from laion_vq.report.shards import ShardReport
 from laion_vq.shards.numbering import SHARD_DIGITS, is_shard_key
+from laion_vq.shards.schema import success_rate
 from laion_vq.shards.sources import DEFAULT_PRESET, PRESETS, SourceFormat, title
 from laion_vq.shards.storage import TMP_MARKER
 
@@ -127,16 +128,20 @@ def _loading_snippet(included_files: list[str], grid: int) -> str:
     )
 
 
-def _removals_section(removals: list[dict]) -> str:
+def _removals_section(removals: list[dict], removed: int) -> str:
     """What this copy was cleaned against: each removal list (name, sha256, items, newest date) and how many
-    items left the shards because of it (`removals`: dicts with those keys, from the lists and the ledger)."""
+    items it took out of shards already made (`removals`: dicts with those keys, from the lists and the ledger);
+    `removed`: the rows marked removed in the shards on record (the report's `images_removed`), which also
+    counts rows a list named before their download and that were never downloaded."""
     head = "## Cleaned against removal lists\n\n"
-    if not removals:
+    if not removals and not removed:
         return head + "No removal list was applied to this copy (lists go under `removals/` at the storage root).\n"
-    total = sum(int(r["removed"]) for r in removals)
+    after = sum(int(r["removed"]) for r in removals)
+    total = max(removed, after)
     lines = [
-        head + f"{total:,} item(s) were removed from the shards (tar, status and every code version), as these lists "
-        "name them (by URL, domain, sample id, key or image hash):\n",
+        head + f"{total:,} item(s) were removed from the shards (tar, status and every code version): {after:,} "
+        f"taken out of shards already made, {total - after:,} never downloaded because a list named them first. "
+        "The lists name items by URL, domain, sample id, key or image hash:\n",
         "| list | sha256 | items | newest date | removed here |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -144,6 +149,8 @@ def _removals_section(removals: list[dict]) -> str:
         f"| `{_cell(r['name'])}` | `{r['sha256']}` | {int(r['items']):,} | {r['date']} | {int(r['removed']):,} |"
         for r in removals
     ]
+    if not removals:
+        lines.append("| (lists no longer on storage) | — | — | — | 0 |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +181,8 @@ def dataset_card(
     encoded = int(rows.get_column("encoded").sum() or 0)
     attempted = int(rows.get_column("image_rows").sum() or 0)
     downloaded = int(rows.get_column("successes").sum() or 0)
+    left_out = int(rows.get_column("removed").sum() or 0) + int(rows.get_column("filtered").sum() or 0)
+    rate = success_rate(downloaded, attempted, left_out)
     unknown_counts = len(included) - int(rows.get_column("encoded").is_not_null().sum())
     excluded = table.filter("excluded")
     corrupted = table.filter("corrupted")
@@ -261,8 +270,10 @@ def dataset_card(
         "## Shards\n\n"
         f"Included: {len(included):,} of {num_shards:,} shards ({_shard_ranges(included)}).\n"
         + (
-            f"Their images: {attempted:,} in the metadata, {downloaded:,} downloaded ({downloaded / attempted:.2%}), "
-            f"{encoded:,} encoded.\n{_success_spread(rows)}"
+            f"Their images: {attempted:,} in the metadata, {downloaded:,} downloaded ("
+            + ("—" if rate is None else f"{rate:.2%}")
+            + (f" of the {attempted - left_out:,} not removed or filtered" if left_out else "")
+            + f"), {encoded:,} encoded.\n{_success_spread(rows)}"
             if attempted
             else f"Their images: {encoded:,} encoded.\n"
         )
@@ -284,7 +295,7 @@ def dataset_card(
             for r in corrupted.iter_rows(named=True)
         )
         out.append("")
-    out.append(_removals_section(removals or []))
+    out.append(_removals_section(removals or [], int(report.summary.get("images_removed") or 0)))
     # the full shards' size, from the report (an int column: polars types its max as any scalar)
     rows_per_shard = cast(int, table.get_column("metadata_rows").max()) or 10_000
     out.append(

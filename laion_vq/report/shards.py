@@ -4,7 +4,8 @@ The caller (a thin Dagster asset) reads the latest check evaluations and materia
 builds the four input frames with the schemas below, and calls `build_report`; the table is written to
 `StorageLayout.corrupted_shards_report()` and its summary and plot go into the asset's metadata. Everything
 here is column work in polars, so 10,000 shards take well under a second; the only per-row Python is
-decoding each shard's packed code usage and adding it into one accumulator.
+decoding each shard's packed code usage and adding it into one accumulator, and each shard's success rate
+(`shards.schema.success_rate`, the one definition: over the rows not removed nor filtered).
 
 Verdicts, and why they are split the way they are:
 
@@ -30,6 +31,7 @@ import polars as pl
 
 from laion_vq.report.previews import code_usage_png
 from laion_vq.report.usage import sum_packed_code_usage
+from laion_vq.shards.schema import success_rate
 from laion_vq.shards.storage import exists, publish_bytes, read_bytes
 
 #: One row per (shard, check): the check's latest evaluation. `reason` is a short stable label
@@ -56,6 +58,7 @@ IMAGES_SCHEMA = pl.Schema(
         "successes": pl.Int64,
         "tar_bytes": pl.Int64,
         "removed": pl.Int64,  # items taken out by removal lists (optional in the input: 0 when absent)
+        "filtered": pl.Int64,  # rows the metadata's filter rejected (optional in the input: 0 when absent)
         "materialized_at": pl.Float64,
     }
 )
@@ -174,8 +177,9 @@ def build_report(
     corrupted ones included: they say what the pipeline did; the dataset card counts what it publishes."""
     checks = _latest(_conform(checks, CHECKS_SCHEMA, "checks"), ["shard", "check"], "checked_at")
     metadata = _latest(_conform(metadata, METADATA_SCHEMA, "metadata"), ["shard"], "materialized_at")
-    if images is not None and "removed" not in images.columns:
-        images = images.with_columns(removed=pl.lit(0, pl.Int64))
+    for optional in ("removed", "filtered"):
+        if images is not None and optional not in images.columns:
+            images = images.with_columns(pl.lit(0, pl.Int64).alias(optional))
     images = _latest(_conform(images, IMAGES_SCHEMA, "images"), ["shard"], "materialized_at")
     codes = _latest(_conform(codes, CODES_SCHEMA_REPORT, "codes"), ["shard"], "materialized_at")
     excluded = pl.DataFrame(
@@ -189,14 +193,18 @@ def build_report(
         .join(excluded, on="shard", how="left")
         .with_columns(excluded=pl.col("shard").is_in(excluded.get_column("shard").implode()))
         .join(metadata.select("shard", metadata_rows="rows"), on="shard", how="left")
-        .join(images.select("shard", "successes", "tar_bytes", "removed", image_rows="rows"), on="shard", how="left")
+        .join(
+            images.select("shard", "successes", "tar_bytes", "removed", "filtered", image_rows="rows"),
+            on="shard",
+            how="left",
+        )
         .join(
             codes.select("shard", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256"),
             on="shard",
             how="left",
         )
-        .with_columns(success_rate=pl.when(pl.col("image_rows") > 0).then(pl.col("successes") / pl.col("image_rows")))
     )
+    table = table.with_columns(success_rate=_success_rates(table))
     check_frames = _check_columns(checks)
     for frame in check_frames:
         table = table.join(frame, on="shard", how="left")
@@ -218,7 +226,8 @@ def build_report(
     check_column_names = [name for frame in check_frames for name in frame.columns[1:]]
     table = table.select(
         "shard", "excluded", "excluded_reason", "metadata_rows", "image_rows", "successes", "success_rate",
-        "tar_bytes", "removed", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256", *check_column_names,
+        "tar_bytes", "removed", "filtered", "encoded", "undecodable", "distinct_codes", "checkpoint_sha256",
+        *check_column_names,
         "corrupted", "warned", "corrupted_by", "reason", "detail", "corrupted_since",
     ).sort("shard")  # fmt: skip
 
@@ -226,6 +235,16 @@ def build_report(
     summary = _summary(table, failures, usage, num_shards=num_shards, n_embed=n_embed)
     summary["usage_unreadable_shards"] = len(unreadable)
     return ShardReport(table=table, summary=summary, code_usage=usage)
+
+
+def _success_rates(table: pl.DataFrame) -> pl.Series:
+    """Each shard's `success_rate` (null: not downloaded, or no row left to download)."""
+    columns = [table.get_column(c).to_list() for c in ("successes", "image_rows", "removed", "filtered")]
+    rates = [
+        None if rows is None else success_rate(successes or 0, rows, removed or 0, filtered or 0)
+        for successes, rows, removed, filtered in zip(*columns, strict=True)
+    ]
+    return pl.Series("success_rate", rates, dtype=pl.Float64)
 
 
 def _summary(table: pl.DataFrame, failures: pl.DataFrame, usage: np.ndarray, *, num_shards: int, n_embed: int) -> dict:
@@ -244,7 +263,8 @@ def _summary(table: pl.DataFrame, failures: pl.DataFrame, usage: np.ndarray, *, 
         pairs = frame.select("shard", pl.col("reason").fill_null(NO_REASON)).unique()
         return _count_by(pairs, "reason")
 
-    attempted, downloaded = total("image_rows"), total("successes")
+    attempted, downloaded, removed = total("image_rows"), total("successes"), total("removed")
+    rate = success_rate(downloaded, attempted, removed, total("filtered"))
     return {
         "num_shards": int(num_shards),
         "shards_with_metadata": present("metadata_rows"),
@@ -252,9 +272,9 @@ def _summary(table: pl.DataFrame, failures: pl.DataFrame, usage: np.ndarray, *, 
         "shards_encoded": present("encoded"),
         "images_attempted": attempted,
         "images_downloaded": downloaded,
-        "overall_success_rate": downloaded / attempted if attempted else 0.0,
+        "overall_success_rate": rate if rate is not None else 0.0,
         "codes": total("encoded"),
-        "images_removed": total("removed"),
+        "images_removed": removed,
         "shards_with_removals": int((table.get_column("removed").fill_null(0) > 0).sum()),
         "corrupted_shards": int(table.get_column("corrupted").sum()),
         "warned_shards": int(table.get_column("warned").sum()),
@@ -307,9 +327,13 @@ def summary_markdown(report: ShardReport, limit: int = 50) -> str:
         f"- **{s['corrupted_shards']} corrupted** of {s['num_shards']} shards",
         f"- {s['warned_shards']} warned, {s['excluded_shards']} excluded",
         f"- {s['images_downloaded']:,} of {s['images_attempted']:,} images downloaded "
-        f"({s['overall_success_rate']:.1%}), {s['codes']:,} encoded",
+        f"({s['overall_success_rate']:.1%}{' of those not removed' if s.get('images_removed') else ''}), "
+        f"{s['codes']:,} encoded",
         *(
-            [f"- {s['images_removed']:,} removed by removal lists, in {s['shards_with_removals']} shard(s)"]
+            [
+                f"- {s['images_removed']:,} removed by removal lists (withheld at download or taken out since), "
+                f"in {s['shards_with_removals']} shard(s)"
+            ]
             if s.get("images_removed")
             else []
         ),
@@ -326,6 +350,14 @@ def summary_markdown(report: ShardReport, limit: int = 50) -> str:
         lines += [f"- `{row['shard']}`: {_cell(row['detail'], 300)}" for row in shown]
         if corrupted.height > limit:
             lines.append(f"\n… and {corrupted.height - limit} more in the report parquet.")
+        lines.append("")
+    warned = report.table.filter(pl.col("warned") & pl.col("corrupted").not_())
+    if warned.height:
+        lines += ["**Warned shards** (quality, not corruption: encoded like the rest)", ""]
+        for row in warned.head(limit).iter_rows(named=True):
+            lines.append(f"- `{row['shard']}`: {_cell(row['detail'], 300)}")
+        if warned.height > limit:
+            lines.append(f"\n… and {warned.height - limit} more in the report parquet.")
         lines.append("")
     excluded = report.table.filter("excluded")
     if excluded.height:

@@ -95,6 +95,16 @@ REMOVED_STATUS = "removed"
 FILTERED_STATUS = "filtered"
 
 
+def success_rate(successes: int, rows: int, removed: int = 0, filtered: int = 0) -> float | None:
+    """A shard's download success rate: images in the tar over the rows still subject to download. Rows a
+    removal list or the filter took out were never to be downloaded (or were removed since), so they count
+    neither for nor against it; a removal must not read as a failed download. None when no row is left to
+    judge (every row removed or filtered, or no row at all). The one definition: the stage, the partitions'
+    metadata, the audit, the report and the card all use it."""
+    requested = rows - removed - filtered
+    return successes / requested if requested > 0 else None
+
+
 class SchemaError(ValueError):
     """Input whose columns or types do not match what a stage needs."""
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from laion_vq import settings
 from laion_vq.removals.lists import RemovalList
+from laion_vq.shards.schema import success_rate
 from laion_vq.shards.storage import (
     StorageLayout,
     disk_full_as_error,
@@ -52,7 +53,7 @@ class ImageShardResult:
     seconds: float
     #: reason → the first few failing URLs (by key), for a person to try in a browser
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
-    #: the success rate of the shard this download replaced (None: there was none)
+    #: the success rate of the shard this download replaced (None: there was none, or it requested no row)
     previous_success_rate: float | None = None
     #: rows a removal list took out (never requested, or dropped by image hash): rows = successes +
     #: failed_to_download + failed_to_resize + removed; `failures_by_reason` holds no removals
@@ -62,9 +63,9 @@ class ImageShardResult:
     filtered: int = 0
 
     @property
-    def success_rate(self) -> float:
-        """Images in the tar over metadata rows (removed rows count against it: the published figure)."""
-        return self.successes / self.rows if self.rows else 0.0
+    def success_rate(self) -> float | None:
+        """Images in the tar over the rows requested (`shards.schema.success_rate`: removals are not failures)."""
+        return success_rate(self.successes, self.rows, self.removed, self.filtered)
 
     @property
     def requested_rows(self) -> int:
@@ -248,7 +249,7 @@ def download_image_shard(
             failure_examples=result.failure_examples,
             bytes_tar=result.bytes_tar,
             seconds=0.0,
-            previous_success_rate=previous[0] / previous[1] if previous and previous[1] else None,
+            previous_success_rate=success_rate(*previous) if previous else None,
             removed=result.removed,
             removed_by_reason=result.removed_by_reason,
             filtered=result.filtered,

@@ -42,8 +42,8 @@ def _metadata(result: CodeShardResult) -> dict:
     meta: dict = {
         "path": dg.MetadataValue.path(result.path),
         keys.ROW_COUNT: result.encoded,
-        "status_rows": result.status_rows,
-        "downloaded": result.downloaded,
+        keys.STATUS_ROWS: result.status_rows,
+        keys.DOWNLOADED: result.downloaded,
         keys.ENCODED: result.encoded,
         keys.UNDECODABLE: sum(result.undecodable.values()),
         "undecodable_by_reason": dg.MetadataValue.json(result.undecodable),

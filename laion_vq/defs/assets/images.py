@@ -9,8 +9,10 @@ from laion_vq.defs.assets.metadata import DOWNLOAD_BACKFILL_POLICY, raw_metadata
 from laion_vq.defs.check_state import IMAGES_CHECK, REMOVED_IMAGES_CHECK
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource
-from laion_vq.removals import RemovalListError, read_removal_lists
+from laion_vq.removals import RemovalList, RemovalListError, read_removal_lists, removed_keys
 from laion_vq.shards.exclusions import read_exclusions
+from laion_vq.shards.numbering import shard_key
+from laion_vq.shards.storage import StorageLayout
 from laion_vq.stages import ImageShardResult, download_image_shard
 
 
@@ -22,7 +24,7 @@ def _metadata(result: ImageShardResult) -> dict:
         keys.SUCCESSES: result.successes,
         "failed_to_download": result.failed_to_download,
         "failed_to_resize": result.failed_to_resize,
-        "success_rate": round(result.success_rate, 4),
+        **({keys.SUCCESS_RATE: round(result.success_rate, 4)} if result.success_rate is not None else {}),
         keys.REMOVED: result.removed,
         **({"removed_by_reason": dg.MetadataValue.json(result.removed_by_reason)} if result.removed else {}),
         **({keys.FILTERED: result.filtered} if result.filtered else {}),
@@ -37,6 +39,14 @@ def _metadata(result: ImageShardResult) -> dict:
             else {}
         ),
     }
+
+
+def _with_removed_items(layout: StorageLayout, result: ImageShardResult, lists: list[RemovalList]) -> dict:
+    """The partition's metadata, with each row a list withheld named beside its list and reason."""
+    meta = _metadata(result)
+    if result.removed:
+        meta.update(keys.removed_items_metadata(removed_keys(layout, shard_key(result.shard_id), lists)))
+    return meta
 
 
 @dg.asset(
@@ -60,7 +70,8 @@ def image_tars(
     try:  # listed items are never requested again (README: Removal lists)
         lists = read_removal_lists(layout)
     except RemovalListError as err:
-        raise dg.Failure(description=f"{err}; no download runs against a removal list that does not parse") from err
+        # one readable message: the chained parse error would repeat it under a stack trace
+        raise dg.Failure(description=f"{err}; no download runs against a removal list that does not parse") from None
 
     def work(shard: int) -> ImageShardResult:
         context.log.info(f"downloading shard {shard:05d} with {options.thread_count} threads")
@@ -87,4 +98,6 @@ def image_tars(
             *audit_removals(context, layout, "", [REMOVED_IMAGES_CHECK], lambda _check: recorded),
         ]
 
-    for_each_shard(context, work, _metadata, read_exclusions(layout), checks)
+    for_each_shard(
+        context, work, lambda result: _with_removed_items(layout, result, lists), read_exclusions(layout), checks
+    )

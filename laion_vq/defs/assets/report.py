@@ -86,6 +86,7 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
             "successes": _value(m, keys.SUCCESSES, 0),
             "tar_bytes": _value(m, keys.TAR_BYTES, 0),
             "removed": _value(m, keys.REMOVED, 0),
+            "filtered": _value(m, keys.FILTERED, 0),
             "materialized_at": t,
         }
         for s, t, m in _materialized(instance, "image_tars")
@@ -116,13 +117,11 @@ def _frames(instance: dg.DagsterInstance, layout: StorageLayout, folder: str) ->
 
 
 def _removals_applied(layout: StorageLayout) -> list[dict]:
-    """Each removal list on storage with the items the ledger says left the shards because of it."""
-    from laion_vq.removals import RemovalListError, read_ledger, read_removal_lists
+    """Each removal list on storage with the items the ledger says left the shards because of it (a list that
+    does not parse was applied nowhere: the `removal_lists_parse` check names it, the card leaves it out)."""
+    from laion_vq.removals import read_ledger, read_lists_skipping_broken
 
-    try:
-        lists = read_removal_lists(layout)
-    except RemovalListError:
-        lists = []  # the removal_lists asset reports a broken list; the card states what was applied
+    lists, _ = read_lists_skipping_broken(layout)
     ledger = read_ledger(layout)
     removed: dict[str, int] = {}
     if ledger.height:
