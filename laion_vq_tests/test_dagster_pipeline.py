@@ -13,7 +13,8 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, latest_results
-from laion_vq.defs.checks import SHARD_CHECKS, code_parquets_contract
+from laion_vq.defs.checks import SHARD_CHECKS
+from laion_vq.defs.jobs import check_job
 from laion_vq.defs.resources import (
     DownloaderResource,
     LaionMetadataResource,
@@ -42,7 +43,6 @@ def pipeline(tmp_path, image_server, tiny_checkpoint):
         "encoder": VQGANEncoderResource(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", batch_size=4),
     }
     job = dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets])
-    check_job = dg.define_asset_job("check", selection=dg.AssetSelection.checks(*SHARD_CHECKS))
     defs = dg.Definitions(
         assets=[raw_metadata_shards, image_tars, code_parquets],
         asset_checks=SHARD_CHECKS,
@@ -62,7 +62,7 @@ def _run_two_shards(defs, instance):
 
 def _check(defs, instance) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
     """Run the audit job (no partition: every shard) → {(check, shard): its evaluation}."""
-    result = defs.resolve_job_def("check").execute_in_process(instance=instance, raise_on_error=False)
+    result = defs.resolve_job_def(check_job.name).execute_in_process(instance=instance, raise_on_error=False)
     return {(e.check_name, e.partition): e for e in result.get_asset_check_evaluations()}
 
 
@@ -139,15 +139,13 @@ def test_two_shards_in_one_run_ephemeral_instance(pipeline):
             for k in ("00000", "00001")
         }
         assert all(e.passed for e in in_run.values())
-        one = dg.materialize(
-            [code_parquets, code_parquets_contract],
-            partition_key="00001",
-            instance=instance,
-            resources=defs.resources,
-        )
-        assert [(e.check_name, e.partition) for e in one.get_asset_check_evaluations()] == [
-            ("code_parquets_contract", "00001")
+        # the encoder's own checks come with it, evaluated by its one step (no check step to skip)
+        one = dg.materialize([code_parquets], partition_key="00001", instance=instance, resources=defs.resources)
+        assert sorted((e.check_name, e.partition) for e in one.get_asset_check_evaluations()) == [
+            ("code_parquets_contract", "00001"),
+            ("no_removed_items", "00001"),
         ]
+        assert [e.step_key for e in one.all_events if e.event_type_value == "STEP_SUCCESS"] == ["code_parquets"]
         evaluations = _check(defs, instance)  # 4 check names (no_removed_items on two assets) × 2 shards
         assert len(evaluations) == 8 and all(e.passed for e in evaluations.values())
         assert evaluations[("image_tars_complete", "00000")].metadata["rows"].value == SAMPLES

@@ -16,6 +16,7 @@ import pytest
 from laion_vq import settings
 from laion_vq.defs.assets import corrupted_shards_report, raw_metadata_shards
 from laion_vq.defs.checks import SHARD_CHECKS, tagged_shards
+from laion_vq.defs.jobs import check_job
 from laion_vq.defs.resources import LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.testing.synthetic_metadata import write_parts
 
@@ -74,7 +75,7 @@ def _defs(storage: Path, metadata: Path) -> dg.Definitions:
     return dg.Definitions(
         assets=[raw_metadata_shards, corrupted_shards_report],
         asset_checks=SHARD_CHECKS,
-        jobs=[dg.define_asset_job("audit", selection=dg.AssetSelection.checks(*SHARD_CHECKS))],
+        jobs=[check_job],
         resources={
             "storage": StorageResource(root=str(storage)),
             "metadata": LaionMetadataResource(source=str(metadata), samples_per_shard=4),
@@ -105,7 +106,7 @@ def test_an_audit_of_a_storage_root_that_is_not_there_fails_once_and_marks_no_sh
         # shards the instance knows as materialized: an audit of an empty folder used to fail each of them
         for key in ("00000", "00001"):
             instance.report_runless_asset_event(dg.AssetMaterialization("image_tars", partition=key))
-        result = defs.resolve_job_def("audit").execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def(check_job.name).execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success
         assert f"storage root '{tmp_path / 'nowhere'}' does not exist: LAION_VQ_STORAGE" in _failure(result)
         assert _recorded(instance, result.run_id) == []

@@ -20,6 +20,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import REMOVED_IMAGES_CHECK
 from laion_vq.defs.checks import SHARD_CHECKS
+from laion_vq.defs.jobs import check_job
 from laion_vq.defs.removals import apply_removals, removal_lists, removal_lists_sensor
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.download.img2dataset_shard import expected_key
@@ -40,7 +41,7 @@ def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:
         asset_checks=SHARD_CHECKS,
         jobs=[
             dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets]),
-            dg.define_asset_job("audit", selection=dg.AssetSelection.checks(*SHARD_CHECKS)),
+            check_job,
             dg.define_asset_job("report", selection=[corrupted_shards_report]),
             dg.define_asset_job("lists", selection=[removal_lists]),
             apply_removals,
@@ -165,7 +166,7 @@ def test_lists_are_applied_through_dagster(tmp_path, image_server, tiny_checkpoi
             assert len(image_server.hits) - requests == SAMPLES - 1  # one request per row but the listed one
 
         # every check passes on every shard; the report and the card count the removals
-        audit = defs.resolve_job_def("audit").execute_in_process(instance=instance)
+        audit = defs.resolve_job_def(check_job.name).execute_in_process(instance=instance)
         assert audit.success and all(e.passed for e in audit.get_asset_check_evaluations())
         assert defs.resolve_job_def("report").execute_in_process(instance=instance).success
         report = {
@@ -187,7 +188,7 @@ def test_lists_are_applied_through_dagster(tmp_path, image_server, tiny_checkpoi
 
         # a tar restored from an old backup still holds the removed image: no_removed_items fails on that shard
         shutil.copy(backup, layout.image_tar(1))
-        audit = defs.resolve_job_def("audit").execute_in_process(instance=instance, raise_on_error=False)
+        audit = defs.resolve_job_def(check_job.name).execute_in_process(instance=instance, raise_on_error=False)
         failed = {
             (e.asset_key, e.check_name, e.partition): e for e in audit.get_asset_check_evaluations() if not e.passed
         }

@@ -27,6 +27,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from laion_vq.defs.assets import code_parquets, corrupted_shards_report, image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import CODES_CHECK, IMAGES_CHECK, METADATA_CHECK, SHARD_CHECK_KEYS, latest_results
 from laion_vq.defs.checks import SHARD_CHECKS
+from laion_vq.defs.jobs import check_job
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import DownloaderResource, LaionMetadataResource, StorageResource, VQGANEncoderResource
 from laion_vq.download.img2dataset_shard import expected_key
@@ -60,7 +61,7 @@ def _defs(tmp_path: Path, image_server, checkpoint: str) -> dg.Definitions:
         asset_checks=SHARD_CHECKS,
         jobs=[
             dg.define_asset_job("pipe", selection=[raw_metadata_shards, image_tars, code_parquets]),
-            dg.define_asset_job("audit", selection=dg.AssetSelection.checks(*SHARD_CHECKS)),
+            check_job,
             dg.define_asset_job("report", selection=[corrupted_shards_report]),
         ],
         resources={
@@ -188,7 +189,7 @@ def _audited(instance: dg.DagsterInstance, tmp_path: Path, image_server, tiny_ch
     )
     assert run.success
     expected = _fabricate_defects(layout)
-    audit = defs.resolve_job_def("audit").execute_in_process(instance=instance, raise_on_error=False)
+    audit = defs.resolve_job_def(check_job.name).execute_in_process(instance=instance, raise_on_error=False)
     yield defs, instance, layout, expected, audit
 
 

@@ -595,10 +595,10 @@ def test_a_fed_backfill_reads_true_in_the_browser(
     from .conftest import tiny_backfill_env
 
     keys = [f"{i:05d}" for i in range(FED_SHARDS)]
-    # the fed run looks for new tars every 10 s: the backfill daemon requests runs for some of them first,
-    # queued behind the GPU slot, and the fed run must then end them without a false alarm
+    # the fed run looks for new tars every 40 s: the backfill daemon (every 30 s) requests runs for the tars
+    # landed meanwhile, queued behind the GPU slot, and the fed run must then end them without a false alarm
     env = tiny_backfill_env(
-        tmp_path, image_server, tiny_checkpoint, FED_SHARDS, 3, LAION_VQ_ENCODE_FEED_POLL_SECONDS="10"
+        tmp_path, image_server, tiny_checkpoint, FED_SHARDS, 3, LAION_VQ_ENCODE_FEED_POLL_SECONDS="40"
     )
     with dagster_services(tmp_path / "dagster_home", pg_url, env=env) as services, services.instance() as instance:
         instance.event_log_storage.set_concurrency_slots("download", 1)
@@ -614,6 +614,7 @@ def test_a_fed_backfill_reads_true_in_the_browser(
         fed_runs = [r for r in encoders if FED_TAG in r.tags and r.tags[FED_TAG][0].isdigit()]
         assert fed_runs, summary  # one run took shards beyond its own range, and its tag says how many
         closed = [r for r in encoders if ENCODED_BY_TAG in r.tags]
+        assert closed, summary  # the case a "was canceled" banner came from
         # the page to show: a partition whose queued run was covered (where a false banner would be), else the last
         shown = next(iter(run_partition_keys(closed[0].tags)), keys[-1]) if closed else keys[-1]
         codes = {
@@ -636,6 +637,16 @@ def test_a_fed_backfill_reads_true_in_the_browser(
             page.get_by_text("Success", exact=True).first.wait_for()
             screenshots.take(page, "fed_backfill_runs")
             assert page.get_by_text(re.compile(r"^(Canceled|Failure)$")).count() == 0
+            # the fed run: one step, its checks evaluated in it (its own checks: no check step shown skipped)
+            fed = fed_runs[0]
+            kinds = [e.dagster_event.event_type_value for e in instance.all_logs(fed.run_id) if e.dagster_event]
+            assert "STEP_SKIPPED" not in kinds and kinds.count("ASSET_CHECK_EVALUATION") == 2 * kinds.count(
+                "ASSET_MATERIALIZATION"
+            ), kinds
+            page.goto(f"{base}/runs/{fed.run_id}")
+            page.get_by_text("ASSET_CHECK_EVALUATION").first.wait_for()
+            screenshots.take(page, "fed_run")
+            assert page.get_by_text(re.compile(r"^Skipped")).count() == 0
             for run in closed:  # a run the fed run covered: green, and it says why it did nothing
                 page.goto(f"{base}/runs/{run.run_id}")
                 page.get_by_text(f"encoded by run {run.tags[ENCODED_BY_TAG]}").first.wait_for()

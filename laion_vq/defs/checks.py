@@ -8,6 +8,10 @@ the check's partition status), and `can_subset=True` lets a step produce only th
 a range of shards, a check audits those; run on its own (the `audit_shards` job, the nightly schedule) it
 audits every shard that is materialized or on storage. Shards on the exclusion list are not audited.
 
+The two checks on `code_parquets` are declared by the encoder's op itself (`codes.CODE_CHECK_SPECS`), which
+evaluates them as it records each shard; `audit_code_checks` runs them alone. `audit_every_shard` (the job
+`audit_shards`) audits every check in one op with no pool.
+
 Severity: ERROR for corruption, WARN for quality (success rate under the floor). `image_tars_complete`
 is blocking: in a run that also encodes, a failed tar stops the encoder; across runs `code_parquets`
 waits for it to pass (its automation condition) and refuses shards whose latest result failed.
@@ -29,7 +33,7 @@ from laion_vq.audit import (
 from laion_vq.audit.removals import audit_removed_in_codes, audit_removed_in_images
 from laion_vq.dagster_internals import AssetCheckEvaluationTargetMaterializationData
 from laion_vq.defs import metadata_keys as keys
-from laion_vq.defs.assets import code_parquets, image_tars, raw_metadata_shards
+from laion_vq.defs.assets import image_tars, raw_metadata_shards
 from laion_vq.defs.check_state import (
     CODES_CHECK,
     IMAGES_CHECK,
@@ -65,7 +69,10 @@ def tagged_shards(tags: Mapping[str, str]) -> list[str] | None:
     return keys
 
 
-def _shards_to_audit(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, directory: str) -> list[str]:
+AuditContext = dg.AssetCheckExecutionContext | dg.AssetExecutionContext | dg.OpExecutionContext
+
+
+def _shards_to_audit(context: AuditContext, asset_key: dg.AssetKey, directory: str) -> list[str]:
     """The run's shards; else the shards the run's `laion_vq/shards` tag names; else every materialized shard
     and every shard parquet in `directory`."""
     if context.has_partition_key or context.has_partition_key_range:
@@ -123,7 +130,7 @@ def _what_to_do(check: dg.AssetCheckKey, verdict: ShardVerdict) -> str:
     )
 
 
-def step_done(context: dg.AssetCheckExecutionContext, check: dg.AssetCheckKey) -> dg.Output:
+def step_done(context: dg.AssetCheckExecutionContext | dg.AssetExecutionContext, check: dg.AssetCheckKey) -> dg.Output:
     """The per-shard evaluations are a check step's results; this empty output only tells Dagster the step
     produced what it promised (else it logs "did not yield or return expected outputs")."""
     assets_def = context.op_execution_context.assets_def
@@ -131,7 +138,7 @@ def step_done(context: dg.AssetCheckExecutionContext, check: dg.AssetCheckKey) -
 
 
 def evaluate_shards(
-    context: dg.AssetCheckExecutionContext | dg.OpExecutionContext,
+    context: AuditContext,
     check: dg.AssetCheckKey,
     layout: StorageLayout,
     keys: Iterable[str],
@@ -180,6 +187,13 @@ def raw_metadata_shards_valid(
     context: dg.AssetCheckExecutionContext, storage: StorageResource, metadata: LaionMetadataResource
 ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     layout = storage.existing_layout()
+    keys = _shards_to_audit(context, METADATA_CHECK.asset_key, layout.metadata_dir())
+    yield from evaluate_shards(context, METADATA_CHECK, layout, keys, _metadata_audit(layout, metadata))
+    yield step_done(context, METADATA_CHECK)
+
+
+def _metadata_audit(layout: StorageLayout, metadata: LaionMetadataResource) -> Callable[[str], ShardVerdict]:
+    """`raw_metadata_shards_valid` on one shard: its rows against what the LAION parts give it."""
     source = metadata.open(layout)
 
     def expected_rows(shard: int) -> int | None:
@@ -191,9 +205,7 @@ def raw_metadata_shards_valid(
     def audit(key: str) -> ShardVerdict:
         return audit_metadata_shard(layout, key, expected_rows(parse_shard_key(key)), metadata.samples_per_shard)
 
-    keys = _shards_to_audit(context, METADATA_CHECK.asset_key, layout.metadata_dir())
-    yield from evaluate_shards(context, METADATA_CHECK, layout, keys, audit)
-    yield step_done(context, METADATA_CHECK)
+    return audit
 
 
 @dg.multi_asset_check(
@@ -225,31 +237,25 @@ def image_tars_complete(
     yield step_done(context, IMAGES_CHECK)
 
 
-@dg.multi_asset_check(
-    specs=[
-        dg.AssetCheckSpec(
-            CODES_CHECK.name,
-            asset=code_parquets,
-            partitions_def=shard_partitions,
-            description="32×32 int16 codes in [0, n_embed), unique sorted keys of the shard, the seed schema, "
-            "and a code row for every downloaded image except those recorded as undecodable.",
-        )
-    ],
-    can_subset=True,
-    name=CODES_CHECK.name,
-)
-def code_parquets_contract(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
-) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
-    layout = storage.existing_layout()
+def audit_code_checks(
+    context: AuditContext,
+    layout: StorageLayout,
+    encoder: VQGANEncoderResource,
+    checks: Iterable[dg.AssetCheckKey],
+) -> Iterator[dg.AssetCheckEvaluation]:
+    """`code_parquets_contract` and `no_removed_items` on code parquets, over the run's shards (else the tagged
+    ones, else every one materialized or stored). The encoder evaluates them on each shard it records (its own
+    checks, `CODE_CHECK_SPECS`); this is for runs of the checks alone: `audit_shards`, `apply_removals`."""
     config = encoder.vqgan_config()
-    grid = config.code_grid(encoder.image_size)
-    folder = encoder.codes_folder
+    grid, folder = config.code_grid(encoder.image_size), encoder.codes_folder
+    checks = list(checks)
     keys = _shards_to_audit(context, CODES_CHECK.asset_key, layout.codes_dir(folder))
-    yield from evaluate_shards(
-        context, CODES_CHECK, layout, keys, lambda key: audit_code_shard(layout, folder, key, grid, config.n_embed)
-    )
-    yield step_done(context, CODES_CHECK)
+    if CODES_CHECK in checks:
+        yield from evaluate_shards(
+            context, CODES_CHECK, layout, keys, lambda key: audit_code_shard(layout, folder, key, grid, config.n_embed)
+        )
+    if REMOVED_CODES_CHECK in checks:
+        yield from audit_removals(context, layout, folder, [REMOVED_CODES_CHECK], lambda _check: keys)
 
 
 def listed_keys_by_shard(layout: StorageLayout) -> dict[str, set[str]]:
@@ -281,39 +287,40 @@ def audit_removals(
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec(
-            key.name,
-            asset=key.asset_key,
+            REMOVED_IMAGES_CHECK.name,
+            asset=REMOVED_IMAGES_CHECK.asset_key,
             partitions_def=shard_partitions,
             description="No item of a removal list (`removals/` under the storage root) is left in the shard: "
-            "every listed key is marked removed, and no removed key has a tar sample"
-            + (" (e.g. a tar restored from an old backup)." if key == REMOVED_IMAGES_CHECK else " or a code row."),
+            "every listed key is marked removed, and no removed key has a tar sample (e.g. a tar restored from "
+            "an old backup).",
         )
-        for key in (REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK)
     ],
     can_subset=True,
     name="no_removed_items",
 )
 def no_removed_items(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     layout = storage.existing_layout()
-    folder = encoder.codes_folder
-    directories = {REMOVED_IMAGES_CHECK: layout.images_dir(), REMOVED_CODES_CHECK: layout.codes_dir(folder)}
-    checks = [key for key in (REMOVED_IMAGES_CHECK, REMOVED_CODES_CHECK) if key in context.selected_asset_check_keys]
     yield from audit_removals(
-        context, layout, folder, checks, lambda check: _shards_to_audit(context, check.asset_key, directories[check])
+        context,
+        layout,
+        "",  # images only: no code folder is read
+        [REMOVED_IMAGES_CHECK],
+        lambda check: _shards_to_audit(context, check.asset_key, layout.images_dir()),
     )
-    for check in checks:
-        yield step_done(context, check)
+    yield step_done(context, REMOVED_IMAGES_CHECK)
 
 
-SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, code_parquets_contract, no_removed_items]
+#: The shard checks defined on their own; the two on `code_parquets` are the encoder's own (`CODE_CHECK_SPECS`).
+SHARD_CHECKS = [raw_metadata_shards_valid, image_tars_complete, no_removed_items]
 
 
 class InlineCodeChecks:
-    """`code_parquets_contract` and `no_removed_items` on one code shard, evaluated by the encoder step right
-    after it records the shard: a run that records shards as it goes yields no output, so its check steps are
-    skipped, and a fed shard is not in the run's partitions anyway. Same audits, same evaluations, current."""
+    """`code_parquets_contract` and `no_removed_items` on one code shard, evaluated by the encoder step (whose
+    own checks they are, `codes.CODE_CHECK_SPECS`) right after it records the shard: a fed shard is not in the
+    run's partitions, and a backfill's run records each shard as published. Same audits as `audit_code_checks`,
+    the evaluations current on the shard's new materialization."""
 
     def __init__(self, instance: dg.DagsterInstance, layout: StorageLayout, folder: str, grid: int, n_embed: int):
         self.instance, self.layout, self.folder, self.grid, self.n_embed = instance, layout, folder, grid, n_embed
@@ -340,3 +347,45 @@ class InlineCodeChecks:
             _evaluation(CODES_CHECK, contract, target, False),
             _evaluation(REMOVED_CODES_CHECK, removed, target, False),
         ]
+
+
+@dg.op(
+    out={},  # its results are the evaluations it yields
+    description="Every shard check over the shards the run's `laion_vq/shards` tag names, else every shard "
+    "materialized or on storage: metadata, tars, code parquets, removed items. Each result lands on its shard's "
+    "partition of its check. Fails when a tar is corrupted (as the blocking `image_tars_complete` does in any "
+    "run). No pool: an audit never waits for the GPU the encoder holds for hours.",
+)
+def audit_every_shard(
+    context: dg.OpExecutionContext,
+    storage: StorageResource,
+    metadata: LaionMetadataResource,
+    encoder: VQGANEncoderResource,
+) -> Iterator[dg.AssetCheckEvaluation]:
+    layout = storage.existing_layout()
+    evaluations: list[dg.AssetCheckEvaluation] = []
+
+    def audits() -> Iterator[dg.AssetCheckEvaluation]:
+        keys = _shards_to_audit(context, METADATA_CHECK.asset_key, layout.metadata_dir())
+        yield from evaluate_shards(context, METADATA_CHECK, layout, keys, _metadata_audit(layout, metadata))
+        keys = _shards_to_audit(context, IMAGES_CHECK.asset_key, layout.images_dir())
+        yield from evaluate_shards(
+            context, IMAGES_CHECK, layout, keys, lambda key: audit_image_shard(layout, key), True
+        )
+        yield from audit_removals(context, layout, "", [REMOVED_IMAGES_CHECK], lambda _check: keys)
+        yield from audit_code_checks(context, layout, encoder, [CODES_CHECK, REMOVED_CODES_CHECK])
+
+    for evaluation in audits():  # yielded, not logged: the run's result holds them even when the op fails below
+        evaluations.append(evaluation)
+        yield evaluation
+    corrupt_tars = [
+        e.partition
+        for e in evaluations
+        if e.check_name == IMAGES_CHECK.name and not e.passed and e.severity == dg.AssetCheckSeverity.ERROR
+    ]
+    if corrupt_tars:
+        raise dg.Failure(
+            description=f"{IMAGES_CHECK.name} failed on {len(corrupt_tars)} shard(s): "
+            f"{', '.join(str(k) for k in corrupt_tars[:20])}; each shard's result is on its partition of the check",
+            metadata={"corrupted_tars": dg.MetadataValue.json(corrupt_tars)},
+        )

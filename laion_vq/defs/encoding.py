@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -33,6 +34,9 @@ from laion_vq.shards.disk_full import DiskFullError
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.tar_reader import CorruptShardError
 from laion_vq.stages.codes import CodeRun, CodeShardResult
+
+if TYPE_CHECKING:
+    from laion_vq.defs.checks import InlineCodeChecks
 
 __all__ = ["record_code_shards", "refuse_failed_tars"]
 
@@ -55,18 +59,29 @@ def record_code_shards(
     *,
     excluded: dict[str, str],
     failed_tars: dict[str, str],
+    checks: list[dg.AssetCheckKey],
 ) -> Iterator[dg.Output]:
-    """Encode this run's shards with ``run`` and record them, at the end or each as published (module doc).
+    """Encode this run's shards with ``run`` and record them, at the end or each as published (module doc), each
+    with its two code checks evaluated here (`codes.CODE_CHECK_SPECS`: the step's own).
 
     ``excluded`` (key → reason) are skipped visibly, ``failed_tars`` (key → reason) fail without being encoded;
-    ``metadata`` gives a published shard's partition metadata. Yields the step's output when recording at the end.
+    ``metadata`` gives a published shard's partition metadata. Yields the step's outputs: the asset's when
+    recording at the end, and one per selected check in ``checks`` (the results are the per-shard evaluations).
     """
+    from laion_vq.defs.checks import InlineCodeChecks, step_done  # the checks module imports the assets
+
+    inline = InlineCodeChecks(context.instance, run.layout, run.codes_folder, run.spec.grid, run.spec.n_embed)
     backfill_id = backfill_of(context)
     if backfill_id is None:
-        _record_at_end(context, run, metadata, excluded, failed_tars)
-        yield dg.Output(None)
+        recorded = _record_at_end(context, run, metadata, excluded, failed_tars, inline)
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_key(context.asset_key))
+        for key in recorded:  # now that Dagster has recorded their materializations, which the results target
+            for evaluation in inline.evaluations(key):
+                context.log_event(evaluation)
     else:
-        _record_each(context, run, metadata, excluded, failed_tars, backfill_id)
+        _record_each(context, run, metadata, excluded, failed_tars, backfill_id, inline)
+    for check in checks:
+        yield step_done(context, check)
 
 
 def _refused_tar(key: str, failed_tars: dict[str, str]) -> CorruptShardError:
@@ -79,10 +94,9 @@ def _refused_tar(key: str, failed_tars: dict[str, str]) -> CorruptShardError:
 
 def fed_summary(feed: BackfillFeed, backfill_id: str, own: int) -> str:
     """What a fed run did beyond its own shards, naming the shards it left to their own runs and why."""
-    text = (
-        f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {own}; "
-        f"{len(feed.closed_runs)} queued run(s) of those shards ended without work"
-    )
+    text = f"fed {len(feed.fed)} shard(s) of backfill {backfill_id} beyond this run's own {own}"
+    if feed.closed_runs:
+        text += f"; {len(feed.closed_runs)} queued run(s) of those shards ended without work"
     if feed.corrupt:
         corrupt = "; ".join(f"{k} ({why})" for k, why in sorted(feed.corrupt.items())[:20])
         text += f"; not fed, their tar check failed (each fails in its own run): {corrupt}"
@@ -98,15 +112,23 @@ def _record_at_end(
     metadata: Metadata,
     excluded: dict[str, str],
     failed_tars: dict[str, str],
-) -> None:
+    inline: InlineCodeChecks,
+) -> list[str]:
     """A run's own shards, recorded when the step ends (Dagster materializes the run's partitions from its
-    output): runs outside backfills, where a step downstream in the run may wait for this one."""
+    output): runs outside backfills, where a step downstream in the run may wait for this one. Returns the
+    shards encoded, whose checks are then evaluated (here already when some failed: the step fails)."""
     from laion_vq.defs.assets._runs import for_each_shard  # the assets package imports this module
 
     shards = [parse_shard_key(k) for k in context.partition_keys if k not in excluded]
     refused = {parse_shard_key(k): _refused_tar(k, failed_tars) for k in failed_tars if k not in excluded}
+
+    def checks(keys: list[str]) -> Iterator[dg.AssetCheckEvaluation]:
+        for key in keys:
+            yield from inline.evaluations(key)
+
     with run.in_order(shards, refused) as result:
-        for_each_shard(context, result, metadata, excluded)
+        for_each_shard(context, result, metadata, excluded, checks=checks)
+    return [k for k in context.partition_keys if k not in excluded]
 
 
 def _record_each(
@@ -116,12 +138,12 @@ def _record_each(
     excluded: dict[str, str],
     failed_tars: dict[str, str],
     backfill_id: str,
+    checks: InlineCodeChecks,
 ) -> None:
     """A backfill's run: each shard is recorded (materialization, then its two code checks) the moment it is
     published, so a killed run's retry skips what was done and the UI fills in shard by shard; fed, the run
     then takes the backfill's other shards as their tars land."""
     from laion_vq.defs.assets._runs import resume_after_disk_full  # the assets package imports this module
-    from laion_vq.defs.checks import InlineCodeChecks  # the checks module imports the assets
 
     feed = BackfillFeed(
         context,
@@ -133,7 +155,6 @@ def _record_each(
         handover=settings.ENCODE_FEED_HANDOVER.get_float(),
         log=context.log.info,
     )
-    checks = InlineCodeChecks(context.instance, run.layout, run.codes_folder, run.spec.grid, run.spec.n_embed)
     keys = list(context.partition_keys)
 
     def check_again(done: list[str]) -> None:

@@ -29,7 +29,7 @@ _UNFINISHED = [
 ]
 
 
-def nightly_audit(job: UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+def nightly_audit(job: dg.JobDefinition) -> dg.ScheduleDefinition:
     """Re-prove every image tar and code parquet at 04:00, so corruption on storage is found, not met."""
     return dg.ScheduleDefinition(
         name="nightly_shard_audit",

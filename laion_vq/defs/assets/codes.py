@@ -16,6 +16,7 @@ from laion_vq import settings
 from laion_vq.defs import metadata_keys as keys
 from laion_vq.defs.assets._runs import throttled
 from laion_vq.defs.assets.images import image_tars
+from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK
 from laion_vq.defs.encoding import record_code_shards, refuse_failed_tars
 from laion_vq.defs.partitions import shard_partitions
 from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
@@ -129,29 +130,66 @@ def _run_metadata(run: CodeRun) -> dict:
     }
 
 
-# Dagster types `dg.Nothing` as `type[None]`, which `dagster_type` (a DagsterType) does not accept; at run time
-# it resolves to the Nothing type, as documented
-@dg.asset(  # type: ignore[call-overload]
+#: The encoder's own checks, evaluated by its step on each shard it records (the moment it is published, in a
+#: backfill): a separate check step would be skipped in a run that records its shards as it goes, and could not
+#: see the shards a fed run takes. Run alone (this op's subset without the asset) they audit the stored parquets,
+#: as the `audit_shards` job does without the GPU pool (`checks.audit_code_checks`).
+CODE_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        CODES_CHECK.name,
+        asset=CODES_CHECK.asset_key,
+        partitions_def=shard_partitions,
+        description="32×32 int16 codes in [0, n_embed), unique sorted keys of the shard, the seed schema, and a "
+        "code row for every downloaded image except those recorded as undecodable.",
+    ),
+    dg.AssetCheckSpec(
+        REMOVED_CODES_CHECK.name,
+        asset=REMOVED_CODES_CHECK.asset_key,
+        partitions_def=shard_partitions,
+        description="No item of a removal list (`removals/` under the storage root) is left in the shard: no "
+        "listed or removed key has a code row.",
+    ),
+]
+
+
+@dg.multi_asset(
+    name="code_parquets",
+    specs=[
+        dg.AssetSpec(
+            CODES_CHECK.asset_key,
+            deps=[image_tars],
+            # a backfill's run records its shards itself, as they are published (no output to yield)
+            skippable=True,
+            # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
+            automation_condition=dg.AutomationCondition.eager()
+            & dg.AutomationCondition.all_deps_blocking_checks_passed(),
+            group_name="laion",
+            # seen on the asset graph's node and the asset's page: this step wants a GPU machine (GPU_TAGS on runs)
+            kinds={"pytorch", "parquet", "gpu"},
+            tags={"laion_vq/accelerator": "gpu"},
+            description=__doc__,
+        )
+    ],
+    check_specs=CODE_CHECK_SPECS,
+    can_subset=True,  # the checks alone: an audit of the stored parquets, no model loaded
     partitions_def=shard_partitions,
-    deps=[image_tars],
     backfill_policy=ENCODE_BACKFILL_POLICY,
     pool="gpu",
     op_tags=GPU_TAGS,
-    # a backfill's run records its shards itself, as they are published (no output to yield)
-    output_required=False,
-    dagster_type=dg.Nothing,  # the parquets are the data: no IO manager stores the output
-    # acted on by the `shard_automation` sensor; waits until the shard's blocking tar check passed
-    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
-    group_name="laion",
-    # seen on the asset graph's node and the asset's page: this step wants a GPU machine (GPU_TAGS on its runs)
-    kinds={"pytorch", "parquet", "gpu"},
-    tags={"laion_vq/accelerator": "gpu"},
-    description=__doc__,
 )
 def code_parquets(
     context: dg.AssetExecutionContext, storage: StorageResource, encoder: VQGANEncoderResource
 ) -> Iterator[dg.Output]:
     layout = storage.existing_layout()
+    checks = [spec.key for spec in CODE_CHECK_SPECS if spec.key in context.selected_asset_check_keys]
+    if CODES_CHECK.asset_key not in context.selected_asset_keys:  # the checks alone
+        from laion_vq.defs.checks import audit_code_checks, step_done  # the checks module imports the assets
+
+        for evaluation in audit_code_checks(context, layout, encoder, checks):
+            context.log_event(evaluation)
+        for check in checks:
+            yield step_done(context, check)
+        return
     started = time.perf_counter()
     engine = _loaded_engine(context, encoder)
     provenance = encoder.provenance()
@@ -173,7 +211,9 @@ def code_parquets(
             return {**_metadata(result), **provenance_meta, **_run_metadata(run), **_preview(context, encoder, result)}
 
         try:
-            yield from record_code_shards(context, run, metadata, excluded=excluded, failed_tars=failed_tars)
+            yield from record_code_shards(
+                context, run, metadata, excluded=excluded, failed_tars=failed_tars, checks=checks
+            )
         finally:
             context.log.info(f"pipeline: {run.stats.describe()}")
     context.log.info(run.summary(time.perf_counter() - started))
