@@ -99,6 +99,22 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return save_random_checkpoint(get_model_config(TINY_MODEL), path, seed=0)
 
 
+def backfill_runs(instance, backfill_id: str) -> list:
+    """The backfill's runs (`dg.RunRecord`s), oldest first."""
+    import dagster as dg
+
+    from laion_vq.dagster_internals import BACKFILL_ID_TAG
+
+    return list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
+
+
+def is_encoder_run(record) -> bool:
+    """A run of `code_parquets` alone: an encoder run of a backfill (a `dg.RunRecord`)."""
+    import dagster as dg
+
+    return set(record.dagster_run.asset_selection or []) == {dg.AssetKey("code_parquets")}
+
+
 def tiny_backfill_env(
     tmp_path, image_server, checkpoint: str, shards: int, samples: int, **overrides: str
 ) -> dict[str, str]:

@@ -26,27 +26,18 @@ import time
 from collections import Counter
 
 import dagster as dg
-from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
 from laion_vq.defs.feeding import ENCODED_BY_TAG
 from laion_vq.testing.dagster_services import BACKFILL_DONE
 
-from .conftest import tiny_backfill_env
+from .conftest import backfill_runs, is_encoder_run, tiny_backfill_env
 
 NUM_SHARDS = 6
 SAMPLES = 3
 KEYS = [f"{i:05d}" for i in range(NUM_SHARDS)]
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 CODES = dg.AssetKey("code_parquets")
-
-
-def _runs(instance, backfill_id: str) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
-
-
-def _is_encoder(record: dg.RunRecord) -> bool:
-    return set(record.dagster_run.asset_selection or []) == {CODES}
 
 
 def _wait(services, daemon, what: str, check, timeout: float = 600) -> object:
@@ -76,7 +67,7 @@ def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_e
         with dagster_services(home, pg_url, env=env, webserver=False) as daemon:
 
             def first_encoder_recorded_a_shard():
-                encoders = [r for r in _runs(instance, backfill_id) if _is_encoder(r)]
+                encoders = [r for r in backfill_runs(instance, backfill_id) if is_encoder_run(r)]
                 if not encoders:
                     return None
                 run_id = encoders[0].dagster_run.run_id
@@ -96,7 +87,7 @@ def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_e
                 timeout=900,
             )
         backfill = services.backfill(backfill_id)
-        runs = _runs(instance, backfill_id)
+        runs = backfill_runs(instance, backfill_id)
         summary = "\n".join(
             f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
             f"{[k.to_user_string() for k in r.dagster_run.asset_selection or []]} "
@@ -107,8 +98,8 @@ def test_backfill_feeds_one_encoder_while_downloads_land_and_survives_a_killed_e
         assert backfill["status"] == "COMPLETED_SUCCESS", f"{backfill}\n{summary}"
 
         # the encoder started while downloads were still landing, and was killed mid-feed
-        downloads = [r for r in runs if not _is_encoder(r)]
-        encoders = [r for r in runs if _is_encoder(r)]
+        downloads = [r for r in runs if not is_encoder_run(r)]
+        encoders = [r for r in runs if is_encoder_run(r)]
         assert len(downloads) == NUM_SHARDS, summary  # one per shard, as configured: no extra download runs
         first_encoder = min((r for r in encoders if r.start_time), key=lambda r: r.start_time)
         last_download_end = max(r.end_time for r in downloads)

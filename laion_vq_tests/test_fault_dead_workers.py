@@ -26,14 +26,14 @@ from collections import Counter
 import dagster as dg
 import yaml
 from dagster._core.events import EngineEventData
-from dagster._core.storage.tags import BACKFILL_ID_TAG, GRPC_INFO_TAG, RUN_FAILURE_REASON_TAG
+from dagster._core.storage.tags import GRPC_INFO_TAG, RUN_FAILURE_REASON_TAG
 
 from laion_vq.defs.check_state import CODES_CHECK, REMOVED_CODES_CHECK, latest_results
 from laion_vq.defs.dead_runs import dead_run_watch
 from laion_vq.deploy.recover_dead_runs import process_alive, worker_pids
 from laion_vq.testing.dagster_services import BACKFILL_DONE, PRODUCTION_YAML, dagster_services, write_instance_yaml
 
-from .conftest import tiny_backfill_env
+from .conftest import backfill_runs, is_encoder_run, tiny_backfill_env
 
 ASSETS = ["raw_metadata_shards", "image_tars", "code_parquets"]
 CODES = dg.AssetKey("code_parquets")
@@ -112,14 +112,6 @@ def test_dead_run_watch_fails_a_dead_launched_run_at_the_second_look_and_frees_i
 # through the real daemon
 
 
-def _runs(instance, backfill_id: str) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}), ascending=True))
-
-
-def _is_encoder(record: dg.RunRecord) -> bool:
-    return set(record.dagster_run.asset_selection or []) == {CODES}
-
-
 def _summary(runs: list[dg.RunRecord]) -> str:
     return "\n".join(
         f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
@@ -168,7 +160,7 @@ def test_daemon_killed_with_its_process_group_then_restarted_heals_the_dead_enco
         with dagster_services(home, pg_url, env=env, webserver=False) as daemon:
 
             def encoder_recorded_a_shard():
-                encoders = [r for r in _runs(instance, backfill_id) if _is_encoder(r)]
+                encoders = [r for r in backfill_runs(instance, backfill_id) if is_encoder_run(r)]
                 if not encoders:
                     return None
                 run_id = encoders[0].dagster_run.run_id
@@ -204,7 +196,7 @@ def test_daemon_killed_with_its_process_group_then_restarted_heals_the_dead_enco
                 services.log,
                 timeout=900,
             )
-        runs = _runs(instance, backfill_id)
+        runs = backfill_runs(instance, backfill_id)
         summary = _summary(runs)
         assert services.backfill(backfill_id)["status"] == "COMPLETED_SUCCESS", summary
         failure = instance.get_run_by_id(killed)
@@ -236,14 +228,14 @@ def test_fed_run_hands_over_before_run_monitoring_would_fail_it(tmp_path, image_
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         backfill_id = services.launch_backfill(ASSETS, keys)
         status = services.wait_for_backfill(backfill_id, timeout=900)
-        runs = _runs(instance, backfill_id)
+        runs = backfill_runs(instance, backfill_id)
         summary = _summary(runs)
         assert status == "COMPLETED_SUCCESS", summary
         assert not [r for r in runs if r.dagster_run.status == dg.DagsterRunStatus.FAILURE], summary
         handed_over = [
             r
             for r in runs
-            if _is_encoder(r)
+            if is_encoder_run(r)
             and any(
                 "feeding: handing over to a fresh encoder run" in (e.message or "")
                 for e in instance.all_logs(r.dagster_run.run_id)
@@ -252,6 +244,6 @@ def test_fed_run_hands_over_before_run_monitoring_would_fail_it(tmp_path, image_
         assert handed_over, summary
         first = handed_over[0]
         assert first.end_time - first.start_time < 60, summary  # ended before run monitoring's limit
-        later = [r for r in runs if _is_encoder(r) and r.start_time and r.start_time > first.end_time - 1]
+        later = [r for r in runs if is_encoder_run(r) and r.start_time and r.start_time > first.end_time - 1]
         assert later, summary  # a fresh run took the shards still to come
         _one_code_per_shard(instance, keys, samples)

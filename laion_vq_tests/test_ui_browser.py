@@ -588,11 +588,10 @@ def test_a_fed_backfill_reads_true_in_the_browser(
     successfully and its page says which run encoded its shards."""
     import dagster as dg
 
-    from laion_vq.dagster_internals import BACKFILL_ID_TAG
     from laion_vq.defs.feeding import ENCODED_BY_TAG, FED_TAG, run_partition_keys
     from laion_vq.testing.dagster_services import dagster_services
 
-    from .conftest import tiny_backfill_env
+    from .conftest import backfill_runs, is_encoder_run, tiny_backfill_env
 
     keys = [f"{i:05d}" for i in range(FED_SHARDS)]
     # the fed run looks for new tars every 40 s: the backfill daemon (every 30 s) requests runs for the tars
@@ -605,12 +604,10 @@ def test_a_fed_backfill_reads_true_in_the_browser(
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         backfill_id = services.launch_backfill(SHARD_ASSETS, keys)
         assert services.wait_for_backfill(backfill_id, timeout=800) == "COMPLETED_SUCCESS"
-        runs = list(instance.get_run_records(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})))
+        runs = backfill_runs(instance, backfill_id)
         summary = [(r.dagster_run.run_id[:8], r.dagster_run.status.value, dict(r.dagster_run.tags)) for r in runs]
         assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs), summary
-        encoders = [
-            r.dagster_run for r in runs if set(r.dagster_run.asset_selection or []) == {dg.AssetKey("code_parquets")}
-        ]
+        encoders = [r.dagster_run for r in runs if is_encoder_run(r)]
         fed_runs = [r for r in encoders if FED_TAG in r.tags and r.tags[FED_TAG][0].isdigit()]
         assert fed_runs, summary  # one run took shards beyond its own range, and its tag says how many
         closed = [r for r in encoders if ENCODED_BY_TAG in r.tags]
