@@ -30,7 +30,7 @@ from laion_vq.defs.resources import StorageResource, VQGANEncoderResource
 from laion_vq.removals import RemovalList, RemovalPlan, apply_shard, plan_removals, read_ledger, removed_keys
 from laion_vq.removals.lists import lists_dir
 from laion_vq.report.usage import unpack_code_usage
-from laion_vq.shards.codes import read_codes_provenance
+from laion_vq.shards.codes import codes_provenance
 from laion_vq.shards.numbering import parse_shard_key
 from laion_vq.shards.schema import FILTERED_STATUS, REMOVED_STATUS, success_rate
 from laion_vq.shards.storage import StorageLayout, exists, filesystem, read_bytes, size
@@ -156,9 +156,9 @@ def _code_file(layout: StorageLayout, folder: str, shard_id: int) -> _CodeFile |
     if not exists(url):
         return None
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        rows = pq.ParquetFile(f).metadata.num_rows
-    provenance = read_codes_provenance(url)
+    with fs.open(path, "rb") as f:  # one footer read: rows and provenance
+        parquet = pq.ParquetFile(f)
+        rows, provenance = parquet.metadata.num_rows, codes_provenance(parquet)
     usage = provenance.get("code_usage")
     distinct = None if usage is None else int((unpack_code_usage(usage, int(provenance["n_embed"])) > 0).sum())
     return _CodeFile(rows, size(url), distinct)

@@ -84,8 +84,12 @@ def write_codes_parquet(table: pa.Table, dest_url: str, file_metadata: Mapping[s
 def read_codes_provenance(url: str) -> dict:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-    raw = meta.get(b"laion_vq")
+        return codes_provenance(pq.ParquetFile(f))
+
+
+def codes_provenance(parquet: pq.ParquetFile) -> dict:
+    """The provenance a code parquet's footer carries (empty for a file written without it)."""
+    raw = (parquet.schema_arrow.metadata or {}).get(b"laion_vq")
     return json.loads(raw) if raw else {}
 
 
